@@ -1,0 +1,214 @@
+"""Dynamic batching: items in, futures out. Knows nothing of HTTP or torch (DESIGN.md, style 1).
+
+One worker task per batcher forms batches from the waiting items and runs `process(batch)` in a worker thread, so
+the event loop keeps accepting requests while a batch computes; the next batch forms meanwhile.
+
+Batch formation: the oldest waiting item always goes first (no starvation); the rest of the batch is filled with the
+waiting items closest to it in length, so one batch holds texts of similar length and pads little. A batch stops
+growing at `max_batch_size` items or when its padded cost (`len(batch) * longest`) would pass `max_batch_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFullError(Exception):
+    """The queue cannot take the request's items now; the caller should retry later."""
+
+    def __init__(self, depth: int, capacity: int):
+        super().__init__(f"queue is full ({depth} of {capacity} items waiting); retry later")
+
+
+class BatcherClosedError(Exception):
+    """The batcher stopped taking items (its model is being removed or the service is shutting down)."""
+
+
+class BatchTimeoutError(Exception):
+    """The request was not served within its timeout."""
+
+
+@dataclass
+class BatchStats:
+    """What one processed batch looked like; handed to the `on_batch` observer."""
+
+    size: int
+    tokens: int  # real (unpadded) cost
+    padded_tokens: int  # len(batch) * longest
+    seconds: float
+    failed: bool
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T]):
+    item: T
+    cost: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Timing:
+    """Where a request's time went, in seconds: waiting for a batch and inside batches."""
+
+    queue: float
+    compute: float
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        process: Callable[[list[T]], Sequence[R]],
+        *,
+        cost: Callable[[T], int],
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 2.0,
+        max_queue_size: int = 4096,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ):
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("batch size, token budget and queue size must be positive; max_wait_ms >= 0")
+        self._process = process
+        self._cost = cost
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._waiting: list[_Pending[T]] = []
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self._worker: asyncio.Task | None = None
+        self._closed = False
+        self._in_flight = 0  # items taken into a batch that has not finished yet
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for a batch."""
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> int:
+        """Items waiting or being computed."""
+        return len(self._waiting) + self._in_flight
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def submit(self, items: Sequence[T], timeout: float | None = None) -> tuple[list[R], Timing]:
+        """Queue every item of one request and wait for all results, in order.
+
+        The request is admitted whole or not at all (QueueFullError). On timeout or cancellation its items still
+        waiting are dropped, so an abandoned request costs no compute.
+        """
+        if self._closed:
+            raise BatcherClosedError("this model is no longer accepting requests")
+        if not items:
+            return [], Timing(0.0, 0.0)
+        if len(self._waiting) + len(items) > self.max_queue_size:
+            raise QueueFullError(len(self._waiting), self.max_queue_size)
+        self.start()
+        loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
+        pending = [_Pending(item, max(1, self._cost(item)), loop.create_future()) for item in items]
+        self._waiting.extend(pending)
+        self._arrived.set()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout)
+        except asyncio.TimeoutError:
+            raise BatchTimeoutError(f"request not served within {timeout:.3g} s") from None
+        finally:
+            self._drop(pending)
+        timings = [r[1] for r in results]
+        started = max(t[0] for t in timings)
+        finished = max(t[1] for t in timings)
+        return [r[0] for r in results], Timing(queue=started - submitted, compute=finished - started)
+
+    def _drop(self, pending: list[_Pending[T]]) -> None:
+        gone = {id(p) for p in pending if not p.future.done() or p.future.cancelled()}
+        if gone:
+            self._waiting = [p for p in self._waiting if id(p) not in gone]
+        for p in pending:
+            if not p.future.done():
+                p.future.cancel()
+
+    def _take_batch(self) -> list[_Pending[T]]:
+        """The oldest item plus the waiting items nearest to it in cost, within both limits."""
+        anchor = self._waiting[0]
+        others = sorted(self._waiting[1:], key=lambda p: (abs(p.cost - anchor.cost), p.enqueued))
+        batch, longest = [anchor], anchor.cost
+        for p in others:
+            if len(batch) >= self.max_batch_size:
+                break
+            wider = max(longest, p.cost)
+            if wider * (len(batch) + 1) > self.max_batch_tokens:
+                continue
+            batch.append(p)
+            longest = wider
+        taken = {id(p) for p in batch}
+        self._waiting = [p for p in self._waiting if id(p) not in taken]
+        return batch
+
+    def _batch_is_full(self) -> bool:
+        return len(self._waiting) >= self.max_batch_size or sum(p.cost for p in self._waiting) >= self.max_batch_tokens
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                if self._closed:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+            # Give concurrent requests a moment to join, unless a full batch is already waiting.
+            deadline = loop.time() + self.max_wait
+            while not self._batch_is_full() and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            self._waiting = [p for p in self._waiting if not p.future.done()]
+            if not self._waiting:
+                continue
+            batch = self._take_batch()
+            self._in_flight = len(batch)
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} items produced {len(results)} results")
+                error = None
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
+                results, error = None, exc
+            finished = time.perf_counter()
+            self._in_flight = 0
+            for i, p in enumerate(batch):
+                if p.future.done():
+                    continue
+                if error is not None:
+                    p.future.set_exception(error)
+                else:
+                    p.future.set_result((results[i], (started, finished)))
+            if self._on_batch is not None:
+                costs = [p.cost for p in batch]
+                self._on_batch(BatchStats(len(batch), sum(costs), len(batch) * max(costs), finished - started,
+                                          error is not None))
+
+    async def close(self) -> None:
+        """Stop taking items, finish every item already queued, then stop the worker."""
+        self._closed = True
+        self._arrived.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)

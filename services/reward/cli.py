@@ -1,0 +1,79 @@
+"""`rlhf reward ...` and `rlhf score`: the reward service's own commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+
+from shared.settings import read_yaml
+
+app = typer.Typer(help="The reward service: batched sentiment (or any classifier) scoring over HTTP.",
+                  no_args_is_help=True)
+
+
+def load_settings(config: Path | None, overrides: dict):
+    """Settings from (lowest first) environment, the YAML file, then CLI flags; exit 2 with the reason if invalid."""
+    from services.reward.settings import RewardSettings
+
+    try:
+        values = read_yaml(config) if config else {}
+        batching = overrides.pop("batching", {})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["batching"] = {**values.get("batching", {}), **batching}
+        return RewardSettings(**values)
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"error: invalid reward service settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Model source: a local folder or a hub id.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Reward label name (default POSITIVE).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of --model for clients.")] = None,
+    score: Annotated[Optional[str], typer.Option(help="prob or logit.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file: models, batching, limits, keys.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Texts per forward pass (1: no batching).")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits to fill.")] = None,
+    torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+) -> None:
+    """Serve reward models over HTTP (POST /v1/score, /v1/classify; GET /v1/models; docs at /docs)."""
+    import uvicorn
+
+    from services.reward.app import create_app
+
+    batching = {k: v for k, v in {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}.items()
+                if v is not None}
+    settings = load_settings(config, {"model": model, "label": label, "name": name, "score": score, "host": host,
+                                      "port": port, "torch_threads": torch_threads, "device": device,
+                                      "batching": batching})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+
+
+def score_command(
+    texts: Annotated[list[str], typer.Argument(help="Texts to score.")],
+    url: Annotated[str, typer.Option(envvar="RLHF_REWARD_URL", help="Reward service URL.")] = "http://127.0.0.1:8000",
+    model: Annotated[Optional[str], typer.Option(help="Model name (default model when omitted).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="RLHF_API_KEY", help="API key.")] = None,
+) -> None:
+    """Print one score per text, one per line, in order."""
+    from shared.clients import RetryPolicy, RewardClient, ServiceError
+
+    try:
+        with RewardClient(url, model=model, api_key=api_key, retry=RetryPolicy(max_retries=2)) as client:
+            scores = client.score(texts)
+    except ServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for s in scores:
+        sys.stdout.write(f"{s:.6f}\n")

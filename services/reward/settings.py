@@ -1,0 +1,51 @@
+"""Reward service settings: environment (`REWARD_*`), a YAML file, or CLI flags, validated at start."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.schemas import NamedModelSpec, ScoreKind
+from shared.settings import ServiceSettings
+
+
+class BatchingSettings(BaseModel):
+    max_batch_size: int = Field(32, ge=1, description="Most texts in one forward pass (1 turns batching off).")
+    max_batch_tokens: int = Field(16384, ge=1, description="Most padded tokens (texts x longest) in one pass.")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more texts once it has one.")
+    max_queue_size: int = Field(4096, ge=1, description="Most texts waiting per model; more -> 429 Retry-After.")
+    request_timeout_s: float = Field(30.0, gt=0, description="A request not served by then gets 503 Retry-After.")
+
+
+class RewardSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="REWARD_")
+
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    models: list[NamedModelSpec] = Field(
+        default_factory=list, description="Models to load at start; the first is the default.")
+    model: str | None = Field(None, description="Shorthand for one model: its source (folder or hub id).")
+    label: str | None = Field(None, description="Shorthand: the reward label of `model` (default POSITIVE).")
+    name: str = Field("default", description="Shorthand: the name of `model`.")
+    score: ScoreKind = Field("prob", description="Shorthand: `prob` or `logit` for `model`.")
+    batching: BatchingSettings = Field(default_factory=BatchingSettings, description="Dynamic batching.")
+    admin_api_key: str | None = Field(
+        None, description="Key for PUT/DELETE /v1/models; defaults to api_key. With neither set, admin is open.")
+    max_texts_per_request: int = Field(1024, ge=1, description="More texts in one request -> 413.")
+    max_text_chars: int = Field(100_000, ge=1, description="A longer text -> 413 (before tokenizing it).")
+    truncate: bool = Field(True, description="Cut texts longer than max_length (else 413), unless a request says.")
+
+    @model_validator(mode="after")
+    def _one_model_at_least(self) -> "RewardSettings":
+        if self.model:
+            self.models = [NamedModelSpec(name=self.name, source=self.model, label=self.label, score=self.score),
+                           *[m for m in self.models if m.name != self.name]]
+        if not self.models:
+            raise ValueError("no reward model configured: pass --model SOURCE, --config FILE or set REWARD_MODEL")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+    @property
+    def admin_key(self) -> str | None:
+        return self.admin_api_key or self.api_key

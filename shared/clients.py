@@ -1,0 +1,265 @@
+"""HTTP clients of the services: timeouts, retries with exponential backoff and jitter, chunking.
+
+Retried: connection errors and timeouts, 429, 503 and other 5xx (honouring `Retry-After`). Never retried: other 4xx,
+which mean the request itself is wrong. Every error surfaces as `ServiceError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class ServiceError(Exception):
+    """A service call failed for good: a 4xx, retries exhausted, or an answer that breaks the contract."""
+
+    def __init__(self, message: str, status: int | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.type = status, type
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 6
+    backoff_base: float = 0.25  # seconds before the first retry
+    backoff_max: float = 10.0
+    jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1]
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Full backoff for `attempt` (0-based), never shorter than the server's Retry-After."""
+        backoff = min(self.backoff_max, self.backoff_base * 2**attempt)
+        backoff *= 1 - self.jitter * random.random()
+        return max(backoff, retry_after or 0.0)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return min(float(value), 60.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error_from(response: httpx.Response) -> ServiceError:
+    try:
+        body = response.json()["error"]
+        return ServiceError(f"{response.status_code} {body['type']}: {body['message']}", response.status_code,
+                            body["type"])
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(f"{response.status_code}: {response.text[:300]}", response.status_code)
+
+
+class _Retrying:
+    """What the sync and async clients share: base URL, auth, the retry decision and its log line."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float, retry: RetryPolicy, name: str):
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.retry = retry
+        self.name = name
+
+    def _next_delay(self, attempt: int, outcome: httpx.Response | Exception) -> float:
+        """Seconds to wait before trying again, or raise ServiceError when `outcome` is final."""
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRY_STATUSES:
+                raise _error_from(outcome)
+            retry_after, why = _retry_after(outcome), f"HTTP {outcome.status_code}"
+        else:
+            retry_after, why = None, f"{type(outcome).__name__}: {outcome}"
+        if attempt >= self.retry.max_retries:
+            raise ServiceError(f"{self.name} at {self.url} failed after {attempt + 1} attempts ({why})",
+                               getattr(outcome, "status_code", None))
+        delay = self.retry.delay(attempt, retry_after)
+        log.warning("%s at %s: %s; retrying in %.2f s (retry %d of %d)", self.name, self.url, why, delay,
+                    attempt + 1, self.retry.max_retries)
+        return delay
+
+
+class HttpJsonClient(_Retrying):
+    """Blocking JSON-over-HTTP with retries."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
+                 retry: RetryPolicy = RetryPolicy(), name: str = "service", transport: httpx.BaseTransport | None = None):
+        super().__init__(url, api_key, timeout, retry, name)
+        self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
+
+    def request(self, method: str, path: str, json: Any = None) -> Any:
+        for attempt in range(self.retry.max_retries + 1):
+            try:
+                response = self._http.request(method, path, json=json)
+                if response.is_success:
+                    return response.json() if response.content else None
+                outcome: httpx.Response | Exception = response
+            except httpx.TransportError as exc:
+                outcome = exc
+            time.sleep(self._next_delay(attempt, outcome))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncHttpJsonClient(_Retrying):
+    """Non-blocking JSON-over-HTTP with retries."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
+                 retry: RetryPolicy = RetryPolicy(), name: str = "service",
+                 transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(url, api_key, timeout, retry, name)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
+
+    async def request(self, method: str, path: str, json: Any = None) -> Any:
+        for attempt in range(self.retry.max_retries + 1):
+            try:
+                response = await self._http.request(method, path, json=json)
+                if response.is_success:
+                    return response.json() if response.content else None
+                outcome: httpx.Response | Exception = response
+            except httpx.TransportError as exc:
+                outcome = exc
+            await asyncio.sleep(self._next_delay(attempt, outcome))
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+def _chunks(texts: Sequence[str], size: int) -> list[list[str]]:
+    return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
+
+
+def _checked_scores(body: Any, expected: int) -> list[float]:
+    """The contract: exactly one finite float per text. Anything else would corrupt a PPO update."""
+    scores = body.get("scores") if isinstance(body, dict) else None
+    if not isinstance(scores, list) or len(scores) != expected:
+        got = len(scores) if isinstance(scores, list) else "no"
+        raise ServiceError(f"reward service returned {got} scores for {expected} texts")
+    bad = [i for i, s in enumerate(scores) if not isinstance(s, (int, float)) or not math.isfinite(s)]
+    if bad:
+        raise ServiceError(f"reward service returned non-finite scores at positions {bad[:10]}")
+    return [float(s) for s in scores]
+
+
+def _payload(texts: list[str], model: str | None) -> dict:
+    return {"texts": texts, **({"model": model} if model else {})}
+
+
+class RewardClient:
+    """Blocking client of the reward service. Long lists are split into `chunk_size` requests."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(), chunk_size: int = 256,
+                 transport: httpx.BaseTransport | None = None):
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.model, self.chunk_size = model, chunk_size
+        self.http = HttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="reward service",
+                                   transport=transport)
+
+    def score(self, texts: Sequence[str], model: str | None = None) -> list[float]:
+        out: list[float] = []
+        for chunk in _chunks(texts, self.chunk_size):
+            body = self.http.request("POST", "/v1/score", _payload(chunk, model or self.model))
+            out += _checked_scores(body, len(chunk))
+        return out
+
+    def classify(self, texts: Sequence[str], model: str | None = None) -> list[dict[str, float]]:
+        out: list[dict[str, float]] = []
+        for chunk in _chunks(texts, self.chunk_size):
+            out += self.http.request("POST", "/v1/classify", _payload(chunk, model or self.model))["probabilities"]
+        return out
+
+    def models(self) -> list[dict]:
+        return self.http.request("GET", "/v1/models")["models"]
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRewardClient:
+    """Non-blocking client of the reward service; chunks go out concurrently, at most `max_concurrency` at once."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(), chunk_size: int = 256,
+                 max_concurrency: int = 4, transport: httpx.AsyncBaseTransport | None = None):
+        if chunk_size < 1 or max_concurrency < 1:
+            raise ValueError("chunk_size and max_concurrency must be >= 1")
+        self.model, self.chunk_size = model, chunk_size
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self.http = AsyncHttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="reward service",
+                                        transport=transport)
+
+    async def _post(self, path: str, chunk: list[str], model: str | None) -> Any:
+        async with self._limit:
+            return await self.http.request("POST", path, _payload(chunk, model or self.model))
+
+    async def score(self, texts: Sequence[str], model: str | None = None) -> list[float]:
+        chunks = _chunks(texts, self.chunk_size)
+        bodies = await asyncio.gather(*(self._post("/v1/score", c, model) for c in chunks))
+        return [s for body, c in zip(bodies, chunks) for s in _checked_scores(body, len(c))]
+
+    async def classify(self, texts: Sequence[str], model: str | None = None) -> list[dict[str, float]]:
+        chunks = _chunks(texts, self.chunk_size)
+        bodies = await asyncio.gather(*(self._post("/v1/classify", c, model) for c in chunks))
+        return [p for body in bodies for p in body["probabilities"]]
+
+    async def models(self) -> list[dict]:
+        return (await self.http.request("GET", "/v1/models"))["models"]
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+class RemoteRewardFn:
+    """A trlX-style reward function backed by the reward service: `reward_fn(samples, prompts, outputs, **kw)`.
+
+    It scores `samples` (prompt + completion), as trlX's sentiment example does.
+    """
+
+    def __init__(self, client: RewardClient):
+        self.client = client
+
+    def __call__(self, samples: Sequence[str], prompts: Sequence[str] | None = None,
+                 outputs: Sequence[str] | None = None, **kwargs: Any) -> list[float]:
+        return self.client.score(list(samples))
+
+
+def make_reward_fn(url: str = "http://127.0.0.1:8000", **client_kwargs: Any) -> RemoteRewardFn:
+    return RemoteRewardFn(RewardClient(url, **client_kwargs))

@@ -1,0 +1,32 @@
+"""Process-wide runtime knobs that must be set before any model runs."""
+
+from __future__ import annotations
+
+import os
+
+
+def configure_torch(threads: int) -> None:
+    """Pin torch's intra-op thread count.
+
+    An unpinned torch takes every core; with another busy process on a 2-core machine small models then ran 100x
+    slower (DESIGN.md, measured facts). Every service, test and benchmark calls this once at start.
+    """
+    import torch
+
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    # Inter-op threads can only be set before the first parallel op; later calls raise, which is harmless here.
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,135 @@
+"""`rlhf models build-tiny`: the offline kit of corpus, tokenizers, policy and classifiers.
+
+Each artefact is written under a temporary name and renamed when complete, so a killed build never leaves a
+half-written model, and a second run with the same folder reuses every finished artefact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from shared.tiny.corpus import make_corpus, read_jsonl, write_jsonl
+from shared.tiny.training import predict_proba, train_classifier, train_policy
+from shared.tiny.vocab import train_bpe_tokenizer, train_wordpiece_tokenizer
+
+log = logging.getLogger(__name__)
+
+SEED = 1234
+TRAIN_SIZE, HELDOUT_SIZE = 6000, 900
+MAX_LENGTH = 256
+POLICY, SENTIMENT, SENTIMENT_3 = "tiny-gpt2", "tiny-sentiment", "tiny-sentiment-3"
+# DistilBERT-IMDB's label order. The 3-label model follows FinBERT: lower case and a different order, so anything
+# that picks the reward label by index instead of by name scores the wrong label.
+SENTIMENT_LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
+SENTIMENT_TARGETS = {"negative": [1.0, 0.0], "neutral": [0.5, 0.5], "positive": [0.0, 1.0]}
+SENTIMENT_3_LABELS = {0: "positive", 1: "negative", 2: "neutral"}
+SENTIMENT_3_TARGETS = {"positive": [1.0, 0.0, 0.0], "negative": [0.0, 1.0, 0.0], "neutral": [0.0, 0.0, 1.0]}
+
+
+def _atomic_dir(out: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` unless `out/name` exists; then rename tmp -> out/name (the rename is the commit)."""
+    final = out / name
+    if final.exists():
+        log.info("reusing %s", final)
+        return final
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    tmp.rename(final)
+    return final
+
+
+def neutral_prompts(texts: list[str], n: int, seed: int) -> list[str]:
+    """The first 3-5 words of reviews, as the trainer's prompts are."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.randint(3, 6, (n,), generator=gen).tolist()
+    return [" ".join(text.split()[:k]) for text, k in zip(texts, words)]
+
+
+@torch.no_grad()
+def sample_policy(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    """Pure sampling (top_k 0, top_p 1), as PPO rollouts do; returns prompt + completion."""
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def build_tiny(out: Path, threads: int = 2) -> dict:
+    """Build (or reuse) the whole kit under `out` and return the report, also written to `out/report.json`."""
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_corpus(tmp: Path) -> None:
+        write_jsonl(make_corpus(TRAIN_SIZE, SEED), tmp / "train.jsonl")
+        write_jsonl(make_corpus(HELDOUT_SIZE, SEED + 1), tmp / "heldout.jsonl")
+
+    corpus = _atomic_dir(out, "corpus", write_corpus)
+    train, heldout = read_jsonl(corpus / "train.jsonl"), read_jsonl(corpus / "heldout.jsonl")
+    texts = [r.text for r in train]
+
+    def write_policy(tmp: Path) -> None:
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=1024, max_length=MAX_LENGTH)
+        train_policy(train, tokenizer, epochs=4, seed=SEED).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    def classifier_writer(id2label: dict[int, str], targets: dict[str, list[float]]) -> Callable[[Path], None]:
+        def write(tmp: Path) -> None:
+            tokenizer = train_wordpiece_tokenizer(texts, vocab_size=1024, max_length=MAX_LENGTH)
+            model = train_classifier(train, tokenizer, id2label=id2label, targets=targets, epochs=6, seed=SEED)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return write
+
+    paths = {
+        POLICY: _atomic_dir(out, POLICY, write_policy),
+        SENTIMENT: _atomic_dir(out, SENTIMENT, classifier_writer(SENTIMENT_LABELS, SENTIMENT_TARGETS)),
+        SENTIMENT_3: _atomic_dir(out, SENTIMENT_3, classifier_writer(SENTIMENT_3_LABELS, SENTIMENT_3_TARGETS)),
+    }
+    report = evaluate_kit(out, heldout=heldout)
+    report["build_seconds"] = round(time.perf_counter() - started, 1)
+    report["paths"] = {k: str(v) for k, v in paths.items()}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def evaluate_kit(out: Path, heldout, n_samples: int = 256, max_new_tokens: int = 20) -> dict:
+    """Held-out accuracy of both classifiers, and how often sampled policy text is already called POSITIVE."""
+    report: dict = {}
+    sentiment, sentiment_tok = (AutoModelForSequenceClassification.from_pretrained(out / SENTIMENT),
+                                AutoTokenizer.from_pretrained(out / SENTIMENT))
+    polar = [r for r in heldout if r.label != "neutral"]
+    positive_id = sentiment.config.label2id["POSITIVE"]
+    proba = predict_proba(sentiment, sentiment_tok, [r.text for r in polar])
+    truth = torch.tensor([r.label == "positive" for r in polar])
+    report["sentiment_heldout_accuracy"] = round(((proba[:, positive_id] > 0.5) == truth).float().mean().item(), 4)
+
+    three, three_tok = (AutoModelForSequenceClassification.from_pretrained(out / SENTIMENT_3),
+                        AutoTokenizer.from_pretrained(out / SENTIMENT_3))
+    predicted = predict_proba(three, three_tok, [r.text for r in heldout]).argmax(-1).tolist()
+    hits = [three.config.id2label[i] == r.label for i, r in zip(predicted, heldout)]
+    report["sentiment_3_heldout_accuracy"] = round(sum(hits) / len(hits), 4)
+
+    policy, policy_tok = (AutoModelForCausalLM.from_pretrained(out / POLICY), AutoTokenizer.from_pretrained(out / POLICY))
+    prompts = neutral_prompts([r.text for r in heldout], n_samples, SEED)
+    samples = sample_policy(policy, policy_tok, prompts, max_new_tokens, SEED)
+    positive = predict_proba(sentiment, sentiment_tok, samples)[:, positive_id]
+    report["policy_samples"] = n_samples
+    report["policy_positive_fraction"] = round((positive > 0.5).float().mean().item(), 4)
+    report["policy_mean_positive_score"] = round(positive.mean().item(), 4)
+    report["prompt_mean_positive_score"] = round(
+        predict_proba(sentiment, sentiment_tok, prompts)[:, positive_id].mean().item(), 4)
+    report["examples"] = samples[:5]
+    return report

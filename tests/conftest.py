@@ -1,0 +1,89 @@
+"""Shared fixtures: offline mode, pinned torch threads, the tiny kit, and real uvicorn servers on loopback."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast, not retry for ~50 s
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import asyncio  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import uvicorn  # noqa: E402
+
+from shared.runtime import configure_torch  # noqa: E402
+
+configure_torch(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_dir() -> Path:
+    return Path(os.environ.get("RLHF_TINY_DIR", ROOT / ".cache" / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kit() -> Path:
+    """The offline tiny kit, built once (about two minutes on 2 cores) and reused across runs."""
+    from shared.tiny.build import build_tiny
+
+    out = tiny_dir()
+    if not (out / "report.json").exists():
+        build_tiny(out, threads=2)
+        configure_torch(1)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 in a background thread, with its own event loop."""
+
+    def __init__(self, app, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, ready_path: str = "/readyz", timeout: float = 60) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server on {self.url} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture
+def serve():
+    """Start apps as real servers; all are stopped when the test ends."""
+    servers: list[ServerThread] = []
+
+    def start(app, **kw) -> ServerThread:
+        server = ServerThread(app).start(**kw)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
