@@ -92,7 +92,8 @@ class HttpJsonClient(_Retrying):
     """Blocking JSON-over-HTTP with retries."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
-                 retry: RetryPolicy = RetryPolicy(), name: str = "service", transport: httpx.BaseTransport | None = None):
+                 retry: RetryPolicy = RetryPolicy(), name: str = "service",
+                 transport: httpx.BaseTransport | None = None):
         super().__init__(url, api_key, timeout, retry, name)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
 

@@ -21,6 +21,6 @@ def load_pretrained(loader, source: str, *, revision: str | None = None, **kwarg
         raise ModelLoadError(f"model folder {source!r} does not exist")
     try:
         return loader.from_pretrained(str(path) if looks_local(source) else source, revision=revision, **kwargs)
-    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+    except Exception as exc:  # noqa: BLE001 - corrupt weights, wrong architecture, hub errors: all one story
         offline = " (HF_HUB_OFFLINE is set, so only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ModelLoadError(f"cannot load {source!r}{offline}: {exc}") from exc

@@ -7,7 +7,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast, not retry for ~50 s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import asyncio  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -57,7 +56,7 @@ class ServerThread:
                                                     lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, ready_path: str = "/readyz", timeout: float = 60) -> "ServerThread":
+    def start(self, ready_path: str = "/readyz", timeout: float = 60) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -125,7 +125,7 @@ class Batcher(Generic[T, R]):
         self._arrived.set()
         try:
             results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BatchTimeoutError(f"request not served within {timeout:.3g} s") from None
         finally:
             self._drop(pending)
@@ -176,7 +176,7 @@ class Batcher(Generic[T, R]):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             self._waiting = [p for p in self._waiting if not p.future.done()]
             if not self._waiting:

@@ -35,7 +35,7 @@ class RewardSettings(ServiceSettings):
     truncate: bool = Field(True, description="Cut texts longer than max_length (else 413), unless a request says.")
 
     @model_validator(mode="after")
-    def _one_model_at_least(self) -> "RewardSettings":
+    def _one_model_at_least(self) -> RewardSettings:
         if self.model:
             self.models = [NamedModelSpec(name=self.name, source=self.model, label=self.label, score=self.score),
                            *[m for m in self.models if m.name != self.name]]

@@ -100,7 +100,7 @@ def build_tiny(out: Path, threads: int = 2) -> dict:
     }
     report = evaluate_kit(out, heldout=heldout)
     report["build_seconds"] = round(time.perf_counter() - started, 1)
-    report["paths"] = {k: str(v) for k, v in paths.items()}
+    report["paths"] = {k: str(v.resolve()) for k, v in paths.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -122,7 +122,8 @@ def evaluate_kit(out: Path, heldout, n_samples: int = 256, max_new_tokens: int =
     hits = [three.config.id2label[i] == r.label for i, r in zip(predicted, heldout)]
     report["sentiment_3_heldout_accuracy"] = round(sum(hits) / len(hits), 4)
 
-    policy, policy_tok = (AutoModelForCausalLM.from_pretrained(out / POLICY), AutoTokenizer.from_pretrained(out / POLICY))
+    policy = AutoModelForCausalLM.from_pretrained(out / POLICY)
+    policy_tok = AutoTokenizer.from_pretrained(out / POLICY)
     prompts = neutral_prompts([r.text for r in heldout], n_samples, SEED)
     samples = sample_policy(policy, policy_tok, prompts, max_new_tokens, SEED)
     positive = predict_proba(sentiment, sentiment_tok, samples)[:, positive_id]

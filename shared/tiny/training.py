@@ -63,7 +63,7 @@ def train_policy(
 def train_classifier(
     reviews: list[Review], tokenizer: PreTrainedTokenizerFast, *, id2label: dict[int, str],
     targets: dict[str, list[float]], epochs: int, seed: int, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
-    batch_size: int = 32, lr: float = 2e-3,
+    batch_size: int = 32, lr: float = 5e-4,
 ) -> DistilBertForSequenceClassification:
     """A DistilBERT classifier trained on soft targets: `targets[review.label]` is the wanted distribution over
     `id2label`. Soft targets let a two-label model learn that a neutral review is 50/50, not a coin flip."""

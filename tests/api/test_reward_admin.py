@@ -155,3 +155,15 @@ def test_unready_until_models_load_then_ready(tiny_kit, serve):
     r = httpx.get(s.url + "/readyz")
     assert r.status_code == 503 and "/no/such/model" in r.json()["error"]["message"]
     assert score(s.url, TEXTS).status_code == 404
+
+
+def test_corrupt_weights_are_a_load_failure_not_a_crash(tiny_kit, serve, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_kit / "tiny-sentiment", broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    s = serve(create_app(make_settings(tiny_kit)))
+    r = put(s.url, "sentiment", {"source": str(broken)})
+    assert r.status_code == 422 and "broken" in r.json()["error"]["message"]
+    assert score(s.url, TEXTS).status_code == 200

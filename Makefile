@@ -1,0 +1,36 @@
+# Everything a new user or CI types. `make test` works on a fresh clone: it creates .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+RLHF_TINY_DIR ?= .cache/tiny
+BIN := $(VENV)/bin
+export RLHF_TINY_DIR
+
+.PHONY: venv test lint tiny serve score bench-reward clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an open range would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check services shared tests bench
+
+tiny: venv
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf models build-tiny --out $(RLHF_TINY_DIR)
+
+serve: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf reward serve --model $(RLHF_TINY_DIR)/tiny-sentiment --port 8000
+
+bench-reward: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/reward.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

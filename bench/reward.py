@@ -1,0 +1,504 @@
+"""Reward service throughput and latency against the in-process ceiling.
+
+What it measures, per model size (`tiny`: the tiny kit's sentiment classifier; `base`: a DistilBERT-base-size
+classifier with random weights, 6 layers, dim 768, built from config and saved next to the tiny tokenizer):
+
+1. ceiling: `transformers.pipeline("text-classification", batch_size=B)` in this process, texts/s over the
+   held-out reviews, with B = the service's max batch size and the service's torch thread count and dtype;
+2. forward_ms_single: one forward pass on one (already tokenized) text, in this process, median of many;
+3. service: `rlhf reward serve` started as a subprocess on a free loopback port, loaded by a load generator in
+   ANOTHER process (this script re-run as `_loadgen`: httpx + asyncio, N clients, each in a closed loop, one text
+   per request), at concurrency 1, 8 and 64: texts/s and p50/p99 latency as the client sees it;
+4. unbatched: the same with `--max-batch-size 1`.
+
+From these it derives the issue's targets (they are about the base size): service at concurrency 64 >= 0.85 x
+ceiling, >= 4x the unbatched service at 64, and p50 at concurrency 1 within 10 ms of one forward pass.
+
+Each load measurement also reports where the time went: the service's mean batch size, queue and inference time
+(from its response headers and /metrics), the service's CPU ms per text and the load generator's CPU use (read
+from /proc), so a low number can be told apart from a saturated load generator.
+
+Run (from the repo root; about 3-4 minutes on 2 cores with the defaults):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reward.py --sizes tiny,base [--duration 6] [--threads 1] \
+        [--dtype float32|bfloat16] [--max-batch-size 32] [--max-wait-ms 2] [--out result.json]
+
+Progress goes to stderr; the last line of stdout is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONCURRENCIES = (1, 8, 64)
+MODEL_NAME = "m"
+TARGETS = {"ratio_to_ceiling": 0.85, "speedup_vs_unbatched": 4.0, "p50_c1_minus_forward_ms": 10.0}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def rounded(x: float, digits: int = 2) -> float:
+    return round(x, digits) if math.isfinite(x) else x
+
+
+# -- load generator (runs in its own process) -----------------------------------------------------------------------
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc; NaN where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of stat(5)
+
+
+def parse_batch_metrics(text: str) -> dict[str, float]:
+    """The `_sum` and `_count` of the reward batch histograms from a Prometheus scrape."""
+    out = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.startswith("reward_batch_") and name.endswith(("_sum", "_count")):
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def snapshot(client, service_pid: int) -> dict:
+    """Counters read at a window edge; the difference of two gives what happened inside the window."""
+    # Clock and CPU first: the /metrics answer can wait behind many requests when the service is loaded.
+    edge = {"t": time.perf_counter(), "service_cpu": process_cpu_seconds(service_pid),
+            "loadgen_cpu": time.process_time()}
+    return {**edge, **parse_batch_metrics((await client.get("/metrics")).text)}
+
+
+async def closed_loop(url: str, texts: list[str], concurrency: int, warmup: float, duration: float,
+                      service_pid: int) -> dict:
+    """`concurrency` clients, each sending one text per request and the next as soon as the answer comes.
+
+    The clients run without a break through warmup and window so the window sees a steady state; only requests
+    that finish inside the window count. After the window each client finishes its request in flight (so no
+    abandoned work spills into the next measurement) without counting it.
+    """
+    import httpx
+
+    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    done: list[tuple[float, float, int, float, float]] = []  # (finished, latency s, status, inference ms, queue ms)
+    start = time.perf_counter()
+    window_start, window_end = start + warmup, start + warmup + duration
+
+    async def client_loop(client, first: int) -> None:
+        i = first
+        while time.perf_counter() < window_end:
+            text = texts[i % len(texts)]
+            i += concurrency  # clients take interleaved texts, so the mix of lengths is the corpus's mix
+            sent = time.perf_counter()
+            try:
+                r = await client.post("/v1/score", json={"texts": [text]})
+                status, headers = r.status_code, r.headers
+            except httpx.HTTPError:
+                status, headers = 0, {}
+            finished = time.perf_counter()
+            done.append((finished, finished - sent, status, float(headers.get("x-inference-time", "nan")),
+                         float(headers.get("x-queue-time", "nan"))))
+
+    async def edges(probe) -> tuple[dict, dict]:
+        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+        first = await snapshot(probe, service_pid)
+        await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+        return first, await snapshot(probe, service_pid)
+
+    async with contextlib.AsyncExitStack() as stack:
+        # One client (one keep-alive connection) per simulated user: with one shared httpx pool of 64 connections
+        # the load generator spent ~7 ms of CPU per request and capped the load near 100 requests/s.
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=one, timeout=120))
+                   for _ in range(concurrency)]
+        probe = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))  # for /metrics
+        edge_task = asyncio.create_task(edges(probe))
+        await asyncio.gather(*(client_loop(client, k) for k, client in enumerate(clients)))
+        first, last = await edge_task
+    return summarize(done, first, last)
+
+
+def summarize(done: list[tuple], first: dict, last: dict) -> dict:
+    window = last["t"] - first["t"]
+    inside = [d for d in done if first["t"] <= d[0] <= last["t"]]
+    ok = [d for d in inside if d[2] == 200]
+    latencies = sorted(d[1] * 1000 for d in ok)
+    batches = last.get("reward_batch_size_count", 0) - first.get("reward_batch_size_count", 0)
+    texts = last.get("reward_batch_size_sum", 0) - first.get("reward_batch_size_sum", 0)
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "texts_per_s": rounded(len(ok) / window, 1),
+        "p50_ms": rounded(percentile(latencies, 0.50)),
+        "p99_ms": rounded(percentile(latencies, 0.99)),
+        "requests": len(ok),
+        "errors": len(inside) - len(ok),
+        "window_s": rounded(window),
+        "mean_batch_size": rounded(texts / batches) if batches else float("nan"),
+        "mean_inference_ms": rounded(mean([d[3] for d in ok])),  # time inside the batch's forward, per request
+        "mean_queue_ms": rounded(mean([d[4] for d in ok])),  # time waiting for a batch to start
+        "service_cpu_ms_per_text": rounded((last["service_cpu"] - first["service_cpu"]) * 1000 / len(ok))
+        if ok else float("nan"),
+        "service_cpu_cores": rounded((last["service_cpu"] - first["service_cpu"]) / window),
+        "loadgen_cpu_cores": rounded((last["loadgen_cpu"] - first["loadgen_cpu"]) / window),
+    }
+
+
+def loadgen_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="reward.py _loadgen")
+    p.add_argument("--url", required=True)
+    p.add_argument("--texts", required=True, type=Path, help="JSON list of texts")
+    p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--warmup", type=float, required=True)
+    p.add_argument("--duration", type=float, required=True)
+    p.add_argument("--service-pid", type=int, required=True)
+    a = p.parse_args(argv)
+    texts = json.loads(a.texts.read_text())
+    result = asyncio.run(closed_loop(a.url, texts, a.concurrency, a.warmup, a.duration, a.service_pid))
+    print(json.dumps(result))
+
+
+# -- the service under test -----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rlhf_command() -> list[str]:
+    script = Path(sys.executable).parent / "rlhf"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}:\n{tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"service not ready after {timeout:.0f} s:\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time; only this one process, by its pid."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_service(model_dir: Path, work: Path, tag: str, *, threads: int, dtype: str, max_batch_size: int,
+                    max_wait_ms: float, log_level: str):
+    """The reward service in a subprocess, ready to serve; always stopped on the way out."""
+    import yaml
+
+    port = free_port()
+    config = work / f"{tag}.yaml"
+    # dtype is per model, so it can only be set in a config file; the rest goes on the command line.
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": MODEL_NAME, "source": str(model_dir), "dtype": dtype}],
+        "device": "cpu",
+        "log_level": log_level,  # "info" would add an access-log line per request to what is measured
+    }))
+    cmd = [*rlhf_command(), "reward", "serve", "--config", str(config), "--port", str(port),
+           "--torch-threads", str(threads), "--max-batch-size", str(max_batch_size), "--max-wait-ms",
+           str(max_wait_ms)]
+    log_path = work / f"{tag}.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=child_env(threads))
+    try:
+        wait_ready(url, proc, log_path)
+        yield url, proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"service died during the run:\n{tail(log_path)}")
+    finally:
+        stop(proc)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    # The service pins torch threads itself; the OpenMP variable also keeps its import from spawning one per core.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+
+
+def run_load(url: str, service_pid: int, texts_file: Path, concurrency: int, warmup: float,
+             duration: float) -> dict:
+    """One closed-loop measurement, generated by a separate process so it does not share the service's GIL."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_loadgen", "--url", url, "--texts", str(texts_file),
+           "--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(duration),
+           "--service-pid", str(service_pid)]
+    # subprocess.run kills the child if it times out or this process is interrupted.
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, timeout=warmup + duration + 300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def measure_service(model_dir: Path, work: Path, texts_file: Path, args, batch_size: int) -> dict:
+    tag = f"{model_dir.name}-b{batch_size}"
+    results = {}
+    with running_service(model_dir, work, tag, threads=args.threads, dtype=args.dtype, max_batch_size=batch_size,
+                         max_wait_ms=args.max_wait_ms, log_level=args.service_log_level) as (url, proc):
+        for c in CONCURRENCIES:
+            r = run_load(url, proc.pid, texts_file, c, args.warmup, args.duration)
+            log(f"  max_batch_size={batch_size} concurrency={c}: {r['texts_per_s']} texts/s, p50 {r['p50_ms']} ms, "
+                f"p99 {r['p99_ms']} ms, batch {r['mean_batch_size']}, service {r['service_cpu_cores']} cores, "
+                f"loadgen {r['loadgen_cpu_cores']} cores, errors {r['errors']}")
+            results[str(c)] = r
+    return results
+
+
+# -- in-process measurements ----------------------------------------------------------------------------------------
+
+def precision(dtype: str):
+    """What the service does for a non-float32 dtype: autocast around the forward pass."""
+    import torch
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=getattr(torch, dtype))
+
+
+def measure_ceiling(model_dir: Path, texts: list[str], batch_size: int, dtype: str, duration: float) -> float:
+    """texts/s of the HF pipeline, batched, over the corpus texts in order (it tokenizes and pads as it goes)."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=str(model_dir), tokenizer=str(model_dir), batch_size=batch_size,
+                    device="cpu")
+    chunk = 2 * batch_size
+    with precision(dtype):
+        pipe(texts[:chunk], truncation=True)  # warm up: first calls allocate and pick kernels
+        n, i, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < duration:
+            part = [texts[(i + k) % len(texts)] for k in range(chunk)]
+            pipe(part, truncation=True)
+            n, i = n + chunk, i + chunk
+        return n / (time.perf_counter() - start)
+
+
+def measure_forward(model_dir: Path, texts: list[str], dtype: str, budget_s: float, most: int = 200) -> float:
+    """Median ms of one forward pass on one text; texts cycle so lengths match what the load generator sends."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    inputs = [tok(t, truncation=True, return_tensors="pt") for t in texts[:most]]
+    times = []
+    with torch.inference_mode(), precision(dtype):
+        for x in inputs[:5]:
+            model(**x)  # warm up
+        start = time.perf_counter()
+        for x in inputs:
+            t = time.perf_counter()
+            model(**x)
+            times.append(time.perf_counter() - t)
+            if time.perf_counter() - start > budget_s and len(times) >= 20:
+                break
+    return statistics.median(times) * 1000
+
+
+# -- models and texts -----------------------------------------------------------------------------------------------
+
+def tiny_dir(arg: str | None) -> Path:
+    """The tiny kit, built (about 2 minutes) if its sentiment model is missing."""
+    root = Path(arg or os.environ.get("RLHF_TINY_DIR") or REPO / ".cache" / "tiny")
+    if not (root / "tiny-sentiment").is_dir() or not (root / "corpus" / "heldout.jsonl").is_file():
+        from shared.tiny.build import build_tiny
+
+        log(f"building the tiny kit in {root} (about 2 minutes)")
+        build_tiny(root)
+    return root
+
+
+def build_base_model(tokenizer_dir: Path, out: Path) -> Path:
+    """A DistilBERT-base-size classifier (default config: 6 layers, dim 768) with random weights.
+
+    Random weights are enough: speed does not depend on the values. It uses the tiny tokenizer, so the texts
+    have the same token counts for both sizes and only the model's size differs.
+    """
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = DistilBertConfig(vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                              id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(config).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def read_texts(tiny: Path) -> list[str]:
+    lines = (tiny / "corpus" / "heldout.jsonl").read_text().splitlines()
+    return [json.loads(line)["text"] for line in lines if line.strip()]
+
+
+def model_facts(model_dir: Path, texts: list[str]) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    counts = [len(ids) for ids in tok(texts, truncation=True)["input_ids"]]
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    return {"model_dir": str(model_dir), "layers": cfg.n_layers, "dim": cfg.dim,
+            "mean_tokens": rounded(statistics.fmean(counts), 1), "max_tokens": max(counts)}
+
+
+# -- one size, end to end -------------------------------------------------------------------------------------------
+
+def bench_size(name: str, model_dir: Path, texts: list[str], texts_file: Path, work: Path, args) -> dict:
+    result = model_facts(model_dir, texts)
+    log(f"{name}: {result['layers']} layers, dim {result['dim']}, mean {result['mean_tokens']} tokens per text")
+    # In-process numbers first, while nothing else runs; the models are freed before the service starts.
+    result["forward_ms_single"] = rounded(measure_forward(model_dir, texts, args.dtype, budget_s=args.duration / 2))
+    log(f"{name}: one forward pass {result['forward_ms_single']} ms (median)")
+    result["ceiling_texts_per_s"] = rounded(
+        measure_ceiling(model_dir, texts, args.max_batch_size, args.dtype, args.duration), 1)
+    log(f"{name}: pipeline ceiling {result['ceiling_texts_per_s']} texts/s (batch {args.max_batch_size})")
+    result["service"] = measure_service(model_dir, work, texts_file, args, args.max_batch_size)
+    result["unbatched"] = measure_service(model_dir, work, texts_file, args, 1)
+    result.update(derived(result))
+    return result
+
+
+def derived(r: dict) -> dict:
+    top, unbatched, c1 = r["service"]["64"], r["unbatched"]["64"], r["service"]["1"]
+    ratio = top["texts_per_s"] / r["ceiling_texts_per_s"]
+    speedup = top["texts_per_s"] / unbatched["texts_per_s"] if unbatched["texts_per_s"] else float("inf")
+    gap = c1["p50_ms"] - r["forward_ms_single"]
+    return {
+        "ratio_to_ceiling": rounded(ratio, 3),
+        "speedup_vs_unbatched": rounded(speedup, 2),
+        "p50_c1_minus_forward_ms": rounded(gap),
+        "targets_met": {
+            "ratio_to_ceiling>=0.85": ratio >= TARGETS["ratio_to_ceiling"],
+            "speedup_vs_unbatched>=4": speedup >= TARGETS["speedup_vs_unbatched"],
+            "p50_c1_within_10ms_of_forward": gap <= TARGETS["p50_c1_minus_forward_ms"],
+        },
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="tiny,base", help="comma-separated: tiny, base")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds measured per load level (and ceiling)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured window")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the service and the ceiling (1 leaves a core to the load generator)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--max-batch-size", type=int, default=32, help="the service's batch size and the pipeline's")
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--service-log-level", default="warning", help="the service's log level (info logs each request)")
+    p.add_argument("--tiny-dir", default=None, help="tiny kit folder (default $RLHF_TINY_DIR or .cache/tiny)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    args = p.parse_args(argv)
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = set(args.sizes) - {"tiny", "base"}
+    if unknown or not args.sizes:
+        p.error(f"--sizes takes tiny and/or base, got {args.sizes}")
+    return args
+
+
+def without_nan(x):
+    """NaN (a measurement with no samples) as null, so the output is strict JSON."""
+    if isinstance(x, dict):
+        return {k: without_nan(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    # Before torch is imported anywhere in this process: no hub, and no OpenMP pool wider than asked for.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from shared.runtime import configure_torch
+
+    configure_torch(args.threads)
+    # A SIGTERM must still run the `finally`s that stop the service.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.perf_counter()
+    report = {"device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+              "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+              "duration_s": args.duration, "warmup_s": args.warmup, "load_avg_at_start": os.getloadavg()[0]}
+    work = Path(tempfile.mkdtemp(prefix="rlhf-bench-reward-"))
+    try:
+        tiny = tiny_dir(args.tiny_dir)
+        texts = read_texts(tiny)
+        texts_file = work / "texts.json"
+        texts_file.write_text(json.dumps(texts))
+        for size in args.sizes:
+            model_dir = tiny / "tiny-sentiment" if size == "tiny" else build_base_model(
+                tiny / "tiny-sentiment", work / "distilbert-base-random")
+            report[size] = bench_size(size, model_dir, texts, texts_file, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if "base" in report:
+        report["targets_met"] = report["base"]["targets_met"]  # the issue's targets are about the base size
+    report["wall_s"] = rounded(time.perf_counter() - started, 1)
+    line = json.dumps(without_nan(report))
+    if args.out:
+        args.out.write_text(json.dumps(without_nan(report), indent=2) + "\n")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
+        loadgen_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
