@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from services.generator.cli import app as generator_app
+from services.generator.cli import generate_command
 from services.reward.cli import app as reward_app
 from services.reward.cli import score_command
 
@@ -16,7 +18,9 @@ models_app = typer.Typer(help="Model kits.", no_args_is_help=True)
 
 app.add_typer(reward_app, name="reward")
 app.add_typer(models_app, name="models")
+app.add_typer(generator_app, name="generator")
 app.command("score")(score_command)
+app.command("generate")(generate_command)
 
 
 @models_app.command("build-tiny")

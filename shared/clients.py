@@ -248,6 +248,59 @@ class AsyncRewardClient:
         await self.aclose()
 
 
+def _generate_payload(prompts: Sequence[str], checkpoint: str, params: dict[str, Any]) -> dict:
+    return {"prompts": list(prompts), "checkpoint": checkpoint, **{k: v for k, v in params.items() if v is not None}}
+
+
+class GeneratorClient:
+    """Blocking client of the generator service. Extra keyword arguments are sampling parameters."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8001", *, api_key: str | None = None, timeout: float = 300.0,
+                 retry: RetryPolicy = RetryPolicy(), transport: httpx.BaseTransport | None = None):
+        self.http = HttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="generator service",
+                                   transport=transport)
+
+    def generate(self, prompts: Sequence[str], checkpoint: str = "latest", **params: Any) -> dict:
+        """The whole response: `checkpoint`, `step` and `completions` (prompt, completion, text, ...)."""
+        return self.http.request("POST", "/v1/generate", _generate_payload(prompts, checkpoint, params))
+
+    def checkpoints(self) -> list[dict]:
+        return self.http.request("GET", "/v1/checkpoints")["checkpoints"]
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncGeneratorClient:
+    """Non-blocking client of the generator service."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8001", *, api_key: str | None = None, timeout: float = 300.0,
+                 retry: RetryPolicy = RetryPolicy(), transport: httpx.AsyncBaseTransport | None = None):
+        self.http = AsyncHttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry,
+                                        name="generator service", transport=transport)
+
+    async def generate(self, prompts: Sequence[str], checkpoint: str = "latest", **params: Any) -> dict:
+        return await self.http.request("POST", "/v1/generate", _generate_payload(prompts, checkpoint, params))
+
+    async def checkpoints(self) -> list[dict]:
+        return (await self.http.request("GET", "/v1/checkpoints"))["checkpoints"]
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
 class RemoteRewardFn:
     """A trlX-style reward function backed by the reward service: `reward_fn(samples, prompts, outputs, **kw)`.
 

@@ -81,3 +81,70 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+
+
+# -- generator service ----------------------------------------------------------------------------------------------
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[StrictStr] = Field(min_length=1, description="Prompts to continue.")
+    checkpoint: StrictStr = Field("latest", description="`base`, `latest` (newest complete) or `<run>/step-<N>`.")
+    max_new_tokens: int = Field(40, ge=1, description="Most tokens to add per completion.")
+    do_sample: bool = Field(True, description="Sample (true) or greedy decode (false).")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature when sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: off).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed and parameters: the same text.")
+    num_return_sequences: int = Field(1, ge=1, description="Completions per prompt.")
+    stop: list[StrictStr] = Field(default_factory=list, max_length=8, description="Cut at the first of these.")
+
+
+class GeneratedText(BaseModel):
+    prompt: str
+    completion: str
+    text: str = Field(description="prompt + completion")
+    finish_reason: Literal["stop", "length"]
+    tokens: int = Field(description="Completion tokens.")
+    index: int = Field(description="Which prompt this continues.")
+
+
+class GenerateResponse(BaseModel):
+    checkpoint: str = Field(description="The checkpoint actually used (`latest` resolved to its name).")
+    step: int | None
+    completions: list[GeneratedText] = Field(description="num_return_sequences per prompt, prompt by prompt.")
+
+
+class CheckpointEntry(BaseModel):
+    name: str
+    run: str | None
+    step: int | None
+    time: float | None
+    metrics: dict
+    valid: bool
+    error: str | None
+    loaded: bool
+    latest: bool
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointEntry]
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI `/v1/completions`; `model` is the checkpoint name."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: StrictStr = "latest"
+    prompt: StrictStr | list[StrictStr] = ""
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None

@@ -11,10 +11,10 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from services.reward.batcher import Batcher
 from services.reward.metrics import RewardMetrics
 from services.reward.scorer import Scorer
 from services.reward.settings import BatchingSettings
+from shared.batching import Batcher
 from shared.schemas import ModelInfo, ModelSpec
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Response
 
-from services.reward.batcher import BatcherClosedError, BatchTimeoutError, QueueFullError, Timing
 from services.reward.registry import DefaultModelError, ModelHandle, ModelRegistry, UnknownModelError
 from services.reward.scorer import TextTooLongError
 from services.reward.settings import RewardSettings
+from shared.batching import BatcherClosedError, BatchTimeoutError, QueueFullError, Timing
 from shared.modeling import ModelLoadError
 from shared.schemas import ClassifyResponse, ErrorResponse, ModelInfo, ModelList, ModelSpec, ScoreRequest, ScoreResponse
 from shared.server import ApiError, bearer_guard

@@ -25,9 +25,12 @@ def _batches(items: list, batch_size: int, rng: random.Random) -> list[list]:
 
 def train_policy(
     reviews: list[Review], tokenizer: PreTrainedTokenizerFast, *, epochs: int, seed: int,
-    n_embd: int = 128, n_layer: int = 2, n_head: int = 4, batch_size: int = 32, lr: float = 3e-3,
+    n_embd: int = 128, n_layer: int = 2, n_head: int = 4, batch_size: int = 32, block_size: int = 96,
+    lr: float = 3e-3,
 ) -> GPT2LMHeadModel:
-    """A GPT-2 language model of the corpus; every review is `<eos> text <eos>` so generation can stop."""
+    """A GPT-2 language model of the corpus, trained as GPT-2 was: reviews joined by `<eos>` into one stream, cut
+    into blocks at a random offset each epoch. So any token can stand at position 0, and a prompt without a BOS
+    token continues as well as one with it (as with the real GPT-2)."""
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     config = GPT2Config(
@@ -35,26 +38,30 @@ def train_policy(
         n_head=n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
     )
     model = GPT2LMHeadModel(config)
-    encoded = [[eos] + ids + [eos] for ids in tokenizer([r.text for r in reviews], truncation=True,
-                                                        max_length=tokenizer.model_max_length - 2)["input_ids"]]
-    batches = _batches(encoded, batch_size, random.Random(seed))
+    stream = [eos]
+    for ids in tokenizer([r.text for r in reviews])["input_ids"]:
+        stream += ids + [eos]
+    stream_t = torch.tensor(stream)
+    blocks_per_epoch = (len(stream) - 1) // block_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * len(batches), pct_start=0.1)
+    steps = epochs * ((blocks_per_epoch + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     model.train()
     rng = random.Random(seed)
     for _ in range(epochs):
-        for batch in _batches(encoded, batch_size, rng):
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), eos)
-            labels = torch.full((len(batch), width), -100)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                labels[row, : len(seq)] = torch.tensor(seq)
-            loss = model(input_ids=ids, labels=labels).loss
+        offset = rng.randrange(block_size)
+        usable = (len(stream) - offset) // block_size * block_size
+        blocks = stream_t[offset : offset + usable].view(-1, block_size)  # (N, T)
+        order = list(range(len(blocks)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            ids = blocks[order[i : i + batch_size]]  # (B, T)
+            loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            schedule.step()
+            if schedule.last_epoch + 1 < steps:
+                schedule.step()
             optimizer.zero_grad()
     model.eval()
     return model

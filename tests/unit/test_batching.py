@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from services.reward.batcher import Batcher, BatcherClosedError, BatchStats, BatchTimeoutError, QueueFullError
+from shared.batching import Batcher, BatcherClosedError, BatchStats, BatchTimeoutError, QueueFullError
 
 
 class Recorder:
@@ -173,3 +173,20 @@ async def test_batch_stats_report_padding():
 def test_rejects_nonsense_limits():
     with pytest.raises(ValueError):
         Batcher(lambda b: b, cost=len, max_batch_size=0)
+
+
+async def test_items_with_different_keys_never_share_a_batch():
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, cost=len, key=lambda item: item[0], max_batch_size=16, max_wait_ms=5)
+    first = asyncio.create_task(b.submit(["z0"]))
+    await asyncio.sleep(0.05)
+    tasks = [asyncio.create_task(b.submit([x])) for x in ("a1", "b1", "a2", "b2", "a3")]
+    await asyncio.sleep(0.05)
+    rec.gate.set()
+    results = await asyncio.gather(first, *tasks)
+    assert [r[0][0] for r in results] == ["Z0", "A1", "B1", "A2", "B2", "A3"]
+    for batch in rec.batches:
+        assert len({item[0] for item in batch}) == 1
+    assert sorted(map(sorted, rec.batches)) == [["a1", "a2", "a3"], ["b1", "b2"], ["z0"]]
+    await b.close()

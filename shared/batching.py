@@ -4,15 +4,16 @@ One worker task per batcher forms batches from the waiting items and runs `proce
 the event loop keeps accepting requests while a batch computes; the next batch forms meanwhile.
 
 Batch formation: the oldest waiting item always goes first (no starvation); the rest of the batch is filled with the
-waiting items closest to it in length, so one batch holds texts of similar length and pads little. A batch stops
-growing at `max_batch_size` items or when its padded cost (`len(batch) * longest`) would pass `max_batch_tokens`.
+waiting items that may share its batch (same `key`, e.g. the same sampling parameters) closest to it in cost, so a
+batch holds items of similar length and pads little. A batch stops growing at `max_batch_size` items or when its
+padded cost (`len(batch) * largest cost`) would pass `max_batch_tokens`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -51,6 +52,7 @@ class BatchStats:
 class _Pending(Generic[T]):
     item: T
     cost: int
+    key: Hashable
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -69,6 +71,7 @@ class Batcher(Generic[T, R]):
         process: Callable[[list[T]], Sequence[R]],
         *,
         cost: Callable[[T], int],
+        key: Callable[[T], Hashable] | None = None,
         max_batch_size: int = 32,
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 2.0,
@@ -79,6 +82,7 @@ class Batcher(Generic[T, R]):
             raise ValueError("batch size, token budget and queue size must be positive; max_wait_ms >= 0")
         self._process = process
         self._cost = cost
+        self._key = key or (lambda item: None)
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
@@ -120,7 +124,7 @@ class Batcher(Generic[T, R]):
         self.start()
         loop = asyncio.get_running_loop()
         submitted = time.perf_counter()
-        pending = [_Pending(item, max(1, self._cost(item)), loop.create_future()) for item in items]
+        pending = [_Pending(item, max(1, self._cost(item)), self._key(item), loop.create_future()) for item in items]
         self._waiting.extend(pending)
         self._arrived.set()
         try:
@@ -143,9 +147,10 @@ class Batcher(Generic[T, R]):
                 p.future.cancel()
 
     def _take_batch(self) -> list[_Pending[T]]:
-        """The oldest item plus the waiting items nearest to it in cost, within both limits."""
+        """The oldest item plus the compatible waiting items nearest to it in cost, within both limits."""
         anchor = self._waiting[0]
-        others = sorted(self._waiting[1:], key=lambda p: (abs(p.cost - anchor.cost), p.enqueued))
+        compatible = [p for p in self._waiting[1:] if p.key == anchor.key]
+        others = sorted(compatible, key=lambda p: (abs(p.cost - anchor.cost), p.enqueued))
         batch, longest = [anchor], anchor.cost
         for p in others:
             if len(batch) >= self.max_batch_size:

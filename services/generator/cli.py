@@ -1,0 +1,77 @@
+"""`rlhf generator ...` and `rlhf generate`: the generator service's own commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+
+from shared.settings import read_yaml
+
+app = typer.Typer(help="The generator service: serves the base policy and every checkpoint the trainer writes.",
+                  no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Base policy: a local folder or a hub id.")] = None,
+    checkpoints: Annotated[Optional[Path], typer.Option(help="Folder of trainer checkpoints.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with any GeneratorSettings field.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per generate call (1: none).")] = None,
+    torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+) -> None:
+    """Serve POST /v1/generate, POST /v1/completions (OpenAI) and GET /v1/checkpoints (docs at /docs)."""
+    import uvicorn
+
+    from services.generator.app import create_app
+    from services.generator.settings import GeneratorSettings
+
+    try:
+        values = read_yaml(config) if config else {}
+        flags = {"model": model, "checkpoints": checkpoints, "host": host, "port": port,
+                 "torch_threads": torch_threads, "device": device}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        if max_batch_size is not None:
+            values["batching"] = {**values.get("batching", {}), "max_batch_size": max_batch_size}
+        settings = GeneratorSettings(**values)
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"error: invalid generator settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+
+
+def generate_command(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to continue.")],
+    checkpoint: Annotated[str, typer.Option(help="base, latest or <run>/step-<N>.")] = "latest",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to add.")] = 40,
+    greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    url: Annotated[str, typer.Option(envvar="RLHF_GENERATOR_URL", help="Generator URL.")] = "http://127.0.0.1:8001",
+    api_key: Annotated[Optional[str], typer.Option(envvar="RLHF_API_KEY", help="API key.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole response as JSON.")] = False,
+) -> None:
+    """Print one completion (prompt + continuation) per prompt."""
+    from shared.clients import GeneratorClient, RetryPolicy, ServiceError
+
+    try:
+        with GeneratorClient(url, api_key=api_key, retry=RetryPolicy(max_retries=2)) as client:
+            body = client.generate(prompts, checkpoint=checkpoint, max_new_tokens=max_new_tokens,
+                                   do_sample=not greedy, seed=seed)
+    except ServiceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    typer.echo(f"# checkpoint: {body['checkpoint']}", err=True)
+    for c in body["completions"]:
+        typer.echo(c["text"])

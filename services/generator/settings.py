@@ -1,0 +1,33 @@
+"""Generator service settings: environment (`GENERATOR_*`), a YAML file, or CLI flags, validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class GeneratorBatching(BaseModel):
+    max_batch_size: int = Field(16, ge=1, description="Most sequences in one generate call (1 turns batching off).")
+    max_batch_tokens: int = Field(65536, ge=1, description="Most padded (prompt + new) tokens in one call.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for compatible requests.")
+    max_queue_size: int = Field(1024, ge=1, description="Most sequences waiting; more -> 429 Retry-After.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request not served by then gets 503.")
+
+
+class GeneratorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GENERATOR_")
+
+    port: int = Field(8001, ge=0, le=65535, description="TCP port to bind.")
+    model: str = Field(description="The base policy: a local folder or a hub id (served as `base`).")
+    revision: str | None = Field(None, description="Hub revision of the base model.")
+    checkpoints: Path | None = Field(None, description="Folder the trainer writes `<run>/step-<N>/` checkpoints to.")
+    max_loaded_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in memory besides base (LRU).")
+    max_prompts_per_request: int = Field(64, ge=1, description="More prompts in one request -> 413.")
+    max_prompt_tokens: int = Field(512, ge=1, description="A longer prompt -> 413.")
+    max_new_tokens_limit: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask for.")
+    max_num_return_sequences: int = Field(16, ge=1, description="Largest num_return_sequences (OpenAI `n`).")
+    batching: GeneratorBatching = Field(default_factory=GeneratorBatching, description="Dynamic batching.")
