@@ -478,6 +478,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def code_version() -> dict:
+    """The commit measured and the tracked files changed since, so a number can be tied to the code behind it."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "changed": git("diff", "--name-only", "HEAD").splitlines()}
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     # Before torch is imported anywhere in this process: no hub, and no OpenMP pool wider than asked for.
@@ -491,7 +503,8 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     report = {"device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
               "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-              "duration_s": args.duration, "warmup_s": args.warmup, "load_avg_at_start": os.getloadavg()[0]}
+              "duration_s": args.duration, "warmup_s": args.warmup, "load_avg_at_start": os.getloadavg()[0],
+              "code": code_version()}
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-reward-"))
     try:
         tiny = tiny_dir(args.tiny_dir)

@@ -12,6 +12,8 @@ from services.generator.cli import app as generator_app
 from services.generator.cli import generate_command
 from services.reward.cli import app as reward_app
 from services.reward.cli import score_command
+from services.trainer.cli import app as trainer_app
+from services.trainer.cli import train_command
 
 app = typer.Typer(help="RLHF as services: reward, generator and PPO trainer.", no_args_is_help=True)
 models_app = typer.Typer(help="Model kits.", no_args_is_help=True)
@@ -21,6 +23,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(generator_app, name="generator")
 app.command("score")(score_command)
 app.command("generate")(generate_command)
+app.add_typer(trainer_app, name="trainer")
+app.command("train")(train_command)
 
 
 @models_app.command("build-tiny")

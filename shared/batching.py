@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class Batcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         self._closed = False
         self._in_flight = 0  # items taken into a batch that has not finished yet
+        self._recent_sizes: deque[int] = deque(maxlen=16)
 
     @property
     def depth(self) -> int:
@@ -164,8 +166,13 @@ class Batcher(Generic[T, R]):
         self._waiting = [p for p in self._waiting if id(p) not in taken]
         return batch
 
-    def _batch_is_full(self) -> bool:
-        return len(self._waiting) >= self.max_batch_size or sum(p.cost for p in self._waiting) >= self.max_batch_tokens
+    def _enough_waiting(self) -> bool:
+        """Stop waiting once a full batch, or as many items as the recent busiest batch, are here.
+
+        Under a steady closed loop of N clients this waits for all N to come back (batches do not split into two
+        half batches that never heal), and a lone client never waits at all."""
+        target = min(self.max_batch_size, max(self._recent_sizes, default=self.max_batch_size))
+        return len(self._waiting) >= target or sum(p.cost for p in self._waiting) >= self.max_batch_tokens
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -175,9 +182,9 @@ class Batcher(Generic[T, R]):
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
-            # Give concurrent requests a moment to join, unless a full batch is already waiting.
+            # Give concurrent requests a moment to join, unless enough are already waiting.
             deadline = loop.time() + self.max_wait
-            while not self._batch_is_full() and (left := deadline - loop.time()) > 0:
+            while not self._enough_waiting() and (left := deadline - loop.time()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
@@ -187,6 +194,7 @@ class Batcher(Generic[T, R]):
             if not self._waiting:
                 continue
             batch = self._take_batch()
+            self._recent_sizes.append(len(batch))
             self._in_flight = len(batch)
             started = time.perf_counter()
             try:

@@ -13,7 +13,8 @@ from shared.settings import ServiceSettings
 class GeneratorBatching(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most sequences in one generate call (1 turns batching off).")
     max_batch_tokens: int = Field(65536, ge=1, description="Most padded (prompt + new) tokens in one call.")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for compatible requests.")
+    max_wait_ms: float = Field(50.0, ge=0, description="Longest wait for compatible requests (cut short once as "
+                               "many are waiting as in recent batches).")
     max_queue_size: int = Field(1024, ge=1, description="Most sequences waiting; more -> 429 Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request not served by then gets 503.")
 

@@ -190,3 +190,25 @@ async def test_items_with_different_keys_never_share_a_batch():
         assert len({item[0] for item in batch}) == 1
     assert sorted(map(sorted, rec.batches)) == [["a1", "a2", "a3"], ["b1", "b2"], ["z0"]]
     await b.close()
+
+
+async def test_a_lone_client_does_not_wait_out_max_wait():
+    b = make(Recorder(), max_batch_size=32, max_wait_ms=1000)
+    await b.submit(["first"])  # the first batch may wait: nothing is known about the load yet
+    _, timing = await b.submit(["second"])
+    assert timing.queue < 0.5  # far below the 1 s window: recent batches held one item
+    await b.close()
+
+
+async def test_a_closed_loop_of_clients_keeps_batches_whole():
+    rec = Recorder(delay=0.01)
+    b = make(rec, max_batch_size=32, max_wait_ms=200)
+
+    async def client(i: int) -> None:
+        for r in range(6):
+            await b.submit([f"c{i}-{r}"])
+            await asyncio.sleep(0.001 * (i % 3))  # clients come back at slightly different times
+
+    await asyncio.gather(*(client(i) for i in range(8)))
+    assert [len(x) for x in rec.batches[-4:]] == [8, 8, 8, 8]
+    await b.close()

@@ -1,0 +1,82 @@
+"""The trainer's HTTP face: the job runs in a background thread; this reports on it and can stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from prometheus_client import Gauge
+
+from services.trainer.config import TrainerConfig
+from services.trainer.run import train
+from services.trainer.tracking import TrainingStatus
+from shared.server import add_operational_routes, bearer_guard, create_service_app
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None) -> FastAPI:
+    status = TrainingStatus(total=config.train.total_steps)
+    history: list[dict] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            train(config, reward_fn=reward_fn, status=status, on_step=history.append)
+        except Exception:  # noqa: BLE001 - recorded in status (state failed, error) and logged by train()
+            pass
+        finally:
+            done.set()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=run, name="ppo", daemon=True)
+        thread.start()
+        yield
+        status.stop_requested.set()  # a shutdown saves a checkpoint, as POST /v1/stop does
+        await asyncio.to_thread(thread.join, 300)
+
+    app = create_service_app(title="Trainer service", namespace="trainer", max_body_bytes=1024 * 1024,
+                             lifespan=lifespan)
+    step_gauge = Gauge("trainer_step", "PPO iterations done", registry=app.state.registry)
+    reward_gauge = Gauge("trainer_reward_mean", "Mean rollout reward of the last iteration",
+                         registry=app.state.registry)
+    kl_gauge = Gauge("trainer_kl", "KL to the reference of the last iteration", registry=app.state.registry)
+
+    def refresh() -> None:
+        step_gauge.set(status.step)
+        if status.reward_mean is not None:
+            reward_gauge.set(status.reward_mean)
+        if status.kl is not None:
+            kl_gauge.set(status.kl)
+
+    app.state.before_scrape.append(refresh)
+    app.state.status, app.state.done = status, done
+    ready = {"starting": "the job is starting", "waiting_for_reward": "waiting for the reward service",
+             "failed": "the job failed"}
+    add_operational_routes(app, app.state.registry, lambda: ready.get(status.state))
+    guard = [Depends(bearer_guard(lambda: api_key))]
+
+    @app.get("/v1/status", dependencies=guard)
+    async def get_status() -> dict:
+        """State, step, total, reward mean, KL, last and best checkpoint, ETA."""
+        return status.as_dict()
+
+    @app.get("/v1/metrics", dependencies=guard)
+    async def get_metrics(since: int = 0) -> dict:
+        """Per-iteration metrics (the lines of metrics.jsonl) from step `since` on."""
+        return {"history": [h for h in history if h["step"] >= since]}
+
+    @app.post("/v1/stop", dependencies=guard)
+    async def stop() -> dict:
+        """Stop after the current iteration, saving a checkpoint first."""
+        if status.state in ("finished", "stopped", "failed"):
+            return status.as_dict()
+        status.stop_requested.set()
+        status.state = "stopping"
+        return status.as_dict()
+
+    return app

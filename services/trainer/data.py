@@ -1,0 +1,119 @@
+"""Prompts: the first few words of reviews, from IMDB, the tiny corpus, or local CSV/JSONL/Parquet files."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+from shared.tiny.corpus import read_jsonl
+
+_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_HTML = re.compile(r"<[^>]+>")
+
+
+class DataError(ValueError):
+    pass
+
+
+def tiny_kit_dir() -> Path:
+    return Path(os.environ.get("RLHF_TINY_DIR", ".cache/tiny"))
+
+
+def _load_files(files: list[Path], column: str) -> list[str]:
+    import datasets
+
+    kinds = {_SUFFIXES[f.suffix.lower()] for f in files}
+    if len(kinds) != 1:
+        raise DataError(f"mixed file types: {sorted(f.name for f in files)}")
+    ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    if column not in ds.column_names:
+        raise DataError(f"no column {column!r} in {files[0]} (columns: {', '.join(ds.column_names)})")
+    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def load_texts(source: str, column: str = "text", split: str = "train", eval_split: str = "test") -> tuple[
+        list[str], list[str]]:
+    """(train texts, eval texts) from `imdb`, `tiny`, a data file, or a folder of them."""
+    if source == "tiny":
+        corpus = tiny_kit_dir() / "corpus"
+        if not corpus.is_dir():
+            raise DataError(f"the tiny corpus is missing at {corpus}: run `rlhf models build-tiny --out "
+                            f"{tiny_kit_dir()}` (or set RLHF_TINY_DIR)")
+        return ([r.text for r in read_jsonl(corpus / "train.jsonl")],
+                [r.text for r in read_jsonl(corpus / "heldout.jsonl")])
+    if source == "imdb":
+        import datasets
+
+        try:
+            ds = datasets.load_dataset("imdb")
+        except Exception as exc:  # noqa: BLE001 - offline or hub error: say what to do instead
+            raise DataError(f"cannot load IMDB from the hub ({type(exc).__name__}); use data.source=tiny or a "
+                            "local file") from None
+        return ds[split][column], ds[eval_split][column]
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() not in _SUFFIXES:
+            raise DataError(f"{path}: unsupported file type (use .csv, .jsonl, .json or .parquet)")
+        texts = _load_files([path], column)
+        cut = max(1, len(texts) // 10)
+        return texts[:-cut] or texts, texts[-cut:]
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in _SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no .csv, .jsonl or .parquet files")
+        held = [f for f in files if re.search(r"heldout|test|eval|valid", f.stem)]
+        train = [f for f in files if f not in held]
+        if train and held:
+            return _load_files(train, column), _load_files(held, column)
+        texts = _load_files(files, column)
+        cut = max(1, len(texts) // 10)
+        return texts[:-cut] or texts, texts[-cut:]
+    raise DataError(f"data source {source!r} is not imdb, tiny, or an existing file or folder")
+
+
+def first_words(text: str, k: int) -> str:
+    return " ".join(_HTML.sub(" ", text).split()[:k])
+
+
+def make_prompts(texts: list[str], words: tuple[int, int], seed: int, limit: int | None = None) -> list[str]:
+    """The first k words of each text, k drawn per text from `words` (inclusive), seeded."""
+    rng = random.Random(seed)
+    prompts = [first_words(t, rng.randint(*words)) for t in texts]
+    prompts = [p for p in prompts if p]
+    return prompts[:limit] if limit else prompts
+
+
+class PromptSampler:
+    """Endless, seeded shuffles of the prompts; its position is part of a checkpoint, so resuming continues the
+    same sequence."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        if not prompts:
+            raise DataError("no prompts")
+        self.prompts, self.seed = prompts, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[str]:
+        out = []
+        while len(out) < n:
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.prompts[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._shuffle()

@@ -1,0 +1,322 @@
+"""The PPO loop: `PPOTrainer.step()` reads like the algorithm (OpenAI lm-human-preferences; trlX).
+
+generate -> score -> policy and reference log-probs -> KL-penalised rewards -> advantages -> epochs of minibatch
+updates -> stats -> KL controller update. Generation happens in-process on the policy being trained; the reward
+comes from `reward_fn` (the reward service in production, a fake in tests).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from services.trainer.config import TrainerConfig
+from services.trainer.data import PromptSampler
+from services.trainer.policy import (
+    PolicyWithValueHead,
+    response_entropy,
+    response_logprobs,
+    response_mask,
+)
+from services.trainer.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    explained_variance,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    ppo_losses,
+    sequence_kl,
+)
+from services.trainer.rewards import RewardFn, checked_scores
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled responses and everything PPO needs about them; tensors are (B, Q) or (B, R)."""
+
+    prompts: list[str]
+    outputs: list[str]
+    queries: torch.Tensor  # (B, Q) left-padded
+    query_mask: torch.Tensor  # (B, Q)
+    responses: torch.Tensor  # (B, R) right-padded with EOS
+    mask: torch.Tensor  # (B, R) real response tokens, up to and including the first EOS
+    scores: torch.Tensor | None = None  # (B,) as the reward function gave them
+    logprobs: torch.Tensor | None = None  # (B, R) under the policy that sampled them
+    ref_logprobs: torch.Tensor | None = None  # (B, R) under the reference
+    values: torch.Tensor | None = None  # (B, R)
+    advantages: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None  # (B, R)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.queries, self.responses], dim=1)  # (B, Q + R)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.mask.long()], dim=1)  # (B, Q + R)
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: int | float, left: bool) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        padded.append(torch.cat([pad, t] if left else [t, pad], dim=1))
+    return torch.cat(padded)
+
+
+def make_kl_controller(config: TrainerConfig):
+    m = config.method
+    if m.target is None:
+        return FixedKLController(m.init_kl_coef)
+    return AdaptiveKLController(m.init_kl_coef, m.target, m.horizon)
+
+
+class PPOTrainer:
+    def __init__(self, config: TrainerConfig, policy: PolicyWithValueHead, reference, tokenizer, reward_fn: RewardFn,
+                 sampler: PromptSampler, eval_prompts: list[str], accelerator: Accelerator | None = None):
+        self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
+        self.sampler, self.eval_prompts = sampler, eval_prompts
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        opt = config.optimizer.kwargs
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=opt.get("lr", 3e-5),
+                                      betas=tuple(opt.get("betas", (0.9, 0.95))), eps=opt.get("eps", 1e-8),
+                                      weight_decay=opt.get("weight_decay", 1e-6))
+        scheduler = self._make_scheduler(optimizer)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
+        self.reference = reference.to(self.accelerator.device)
+        self.kl_ctl = make_kl_controller(config)
+        self.running = RunningMoments()
+        self.ref_std: float | None = None
+        self.iteration = 0
+        self.eos = tokenizer.eos_token_id
+
+    def _make_scheduler(self, optimizer):
+        s = self.config.scheduler
+        if s.name == "cosine_annealing":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=s.kwargs.get("T_max", self.config.train.total_steps), eta_min=s.kwargs.get(
+                    "eta_min", 0.0))
+        if s.name == "linear":
+            total = self.config.train.total_steps
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+
+    @property
+    def policy(self) -> PolicyWithValueHead:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- one PPO iteration -------------------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One PPO iteration; returns its stats (namespaced metric names)."""
+        m = self.config.method
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+
+        rollouts = self.generate(self.sampler.take(m.num_rollouts))
+        timings["time/generate"] = time.perf_counter() - started
+
+        t = time.perf_counter()
+        rollouts.scores = self.score(rollouts)
+        timings["time/score"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        rollouts.logprobs, rollouts.values, entropy = self.policy_forward(rollouts)
+        rollouts.ref_logprobs = self.reference_forward(rollouts)
+        timings["time/forward"] = time.perf_counter() - t
+
+        scores = self.scale_and_clip(rollouts.scores)
+        rewards = kl_penalized_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, rollouts.mask,
+                                       self.kl_ctl.value)
+        rollouts.advantages, rollouts.returns = gae(rollouts.values, rewards, rollouts.mask, m.gamma, m.lam)
+
+        t = time.perf_counter()
+        update_stats = self.update(rollouts)
+        timings["time/update"] = time.perf_counter() - t
+
+        kl = sequence_kl(rollouts.logprobs, rollouts.ref_logprobs, rollouts.mask)  # (B,)
+        stats = self.rollout_stats(rollouts, kl, entropy, rewards) | update_stats
+        mean_kl = self._global_mean(kl)
+        self.kl_ctl.update(mean_kl, n_steps=len(rollouts) * self.accelerator.num_processes)
+        self.iteration += 1
+        timings["time/iteration"] = time.perf_counter() - started
+        return stats | timings | {"objective/kl_coef_next": self.kl_ctl.value}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], gen_overrides: dict | None = None) -> Rollouts:
+        """Sample a response per prompt, `chunk_size` prompts per generate call, in eval mode."""
+        m = self.config.method
+        gen = m.gen_kwargs.model_dump() | (gen_overrides or {})
+        max_prompt = self.config.train.seq_length - gen["max_new_tokens"]
+        queries, query_masks, responses = [], [], []
+        for i in range(0, len(prompts), m.chunk_size):
+            chunk = prompts[i : i + m.chunk_size]
+            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt,
+                                 add_special_tokens=False).to(self.accelerator.device)
+            out = self.policy.base.generate(**enc, pad_token_id=self.eos, eos_token_id=self.eos, **gen)
+            queries.append(enc.input_ids)
+            query_masks.append(enc.attention_mask)
+            responses.append(out[:, enc.input_ids.shape[1]:])
+        response_t = _pad_cat(responses, self.eos, left=False)
+        mask = response_mask(response_t, self.eos)
+        outputs = [self.tokenizer.decode(r[: int(n)], skip_special_tokens=True)
+                   for r, n in zip(response_t, mask.sum(1))]
+        return Rollouts(list(prompts), outputs, _pad_cat(queries, self.tokenizer.pad_token_id, left=True),
+                        _pad_cat(query_masks, 0, left=True), response_t, mask)
+
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        samples = [p + o for p, o in zip(rollouts.prompts, rollouts.outputs)]
+        raw = self.reward_fn(samples=samples, prompts=rollouts.prompts, outputs=rollouts.outputs,
+                             tokenizer=self.tokenizer)
+        return torch.tensor(checked_scores(raw, len(samples)), dtype=torch.float32, device=self.accelerator.device)
+
+    def scale_and_clip(self, scores: torch.Tensor) -> torch.Tensor:
+        """trlX: optional scaling by the running (or first batch's) std, then clipping to +-cliprange_reward."""
+        m = self.config.method
+        if self.ref_std is None:
+            self.ref_std = scores.std().item() if len(scores) > 1 else 1.0
+        self.running.update(scores)
+        if m.scale_reward == "running":
+            scores = scores / max(self.running.std, 1e-8)
+        elif m.scale_reward == "ref":
+            scores = scores / max(self.ref_std, 1e-8)
+        return scores.clamp(-m.cliprange_reward, m.cliprange_reward)
+
+    @torch.no_grad()
+    def policy_forward(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs, values and entropy of the sampled responses under the current policy, (B, R) each."""
+        q = rollouts.queries.shape[1]
+        logprobs, values, entropy = [], [], []
+        for sl in self._slices(len(rollouts)):
+            logits, v = self.policy(rollouts.sequences[sl], rollouts.attention_mask[sl])
+            logprobs.append(response_logprobs(logits, rollouts.sequences[sl], q))
+            values.append(v[:, q - 1 : -1])
+            entropy.append(response_entropy(logits, q))
+        return torch.cat(logprobs), torch.cat(values), torch.cat(entropy)
+
+    @torch.no_grad()
+    def reference_forward(self, rollouts: Rollouts) -> torch.Tensor:
+        from services.trainer.policy import position_ids
+
+        q = rollouts.queries.shape[1]
+        out = []
+        for sl in self._slices(len(rollouts)):
+            seq, att = rollouts.sequences[sl], rollouts.attention_mask[sl]
+            logits = self.reference(input_ids=seq, attention_mask=att, position_ids=position_ids(att),
+                                    use_cache=False).logits
+            out.append(response_logprobs(logits, seq, q))
+        return torch.cat(out)
+
+    def _slices(self, n: int) -> list[slice]:
+        size = self.config.train.batch_size
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def update(self, rollouts: Rollouts) -> dict[str, float]:
+        """`ppo_epochs` passes over shuffled minibatches of `batch_size` rollouts."""
+        m, q = self.config.method, rollouts.queries.shape[1]
+        collected: dict[str, list[float]] = {}
+        seq, att = rollouts.sequences, rollouts.attention_mask
+        for _ in range(m.ppo_epochs):
+            order = torch.randperm(len(rollouts), device=seq.device)
+            for i in range(0, len(rollouts), self.config.train.batch_size):
+                idx = order[i : i + self.config.train.batch_size]
+                logits, values = self.model(seq[idx], att[idx])
+                logprobs = response_logprobs(logits, seq[idx], q)
+                loss, stats = ppo_losses(
+                    logprobs, values[:, q - 1 : -1], rollouts.logprobs[idx], rollouts.values[idx],
+                    rollouts.advantages[idx], rollouts.returns[idx], rollouts.mask[idx], m.cliprange,
+                    m.cliprange_value, m.vf_coef)
+                self.optimizer.zero_grad()
+                self.accelerator.backward(loss)
+                if m.max_grad_norm:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), m.max_grad_norm)
+                    collected.setdefault("ppo/grad_norm", []).append(float(grad_norm))
+                self.optimizer.step()
+                for key, value in {"ppo/policy/loss": stats.policy_loss, "ppo/val/loss": stats.value_loss,
+                                   "ppo/policy/clipfrac": stats.policy_clipfrac,
+                                   "ppo/val/clipfrac": stats.value_clipfrac, "ppo/policy/approx_kl": stats.approx_kl,
+                                   "ppo/policy/ratio": stats.ratio_mean, "ppo/loss/total": loss.item()}.items():
+                    collected.setdefault(key, []).append(value)
+        self.scheduler.step()
+        out = {k: sum(v) / len(v) for k, v in collected.items()}
+        out["ppo/learning_rate"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def rollout_stats(self, rollouts: Rollouts, kl: torch.Tensor, entropy: torch.Tensor,
+                      rewards: torch.Tensor) -> dict[str, float]:
+        lengths = rollouts.mask.sum(1) - (rollouts.responses == self.eos).any(1).float()  # EOS not counted
+        return {
+            "rollout/reward_mean": self._global_mean(rollouts.scores),
+            "rollout/reward_std": rollouts.scores.std().item() if len(rollouts) > 1 else 0.0,
+            "rollout/response_length": lengths.mean().item(),
+            "rollout/empty_fraction": (lengths == 0).float().mean().item(),
+            "objective/kl": self._global_mean(kl),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": masked_mean(entropy, rollouts.mask).item(),
+            "objective/rewards_total": (rewards * rollouts.mask).sum(1).mean().item(),
+            "ppo/val/mean": masked_mean(rollouts.values, rollouts.mask).item(),
+            "ppo/returns/mean": masked_mean(rollouts.returns, rollouts.mask).item(),
+            "ppo/val/explained_variance": explained_variance(rollouts.values, rollouts.returns, rollouts.mask),
+        }
+
+    def _global_mean(self, x: torch.Tensor) -> float:
+        """Mean over every process's rollouts."""
+        return self.accelerator.gather_for_metrics(x.detach()).float().mean().item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward of `eval_samples_per_prompt` samples for each fixed eval prompt (plus their KL and length)."""
+        k = self.config.train.eval_samples_per_prompt
+        prompts = [p for p in self.eval_prompts for _ in range(k)]
+        rollouts = self.generate(prompts)
+        scores = self.score(rollouts)
+        logprobs, _, _ = self.policy_forward(rollouts)
+        kl = sequence_kl(logprobs, self.reference_forward(rollouts), rollouts.mask)
+        lengths = rollouts.mask.sum(1) - (rollouts.responses == self.eos).any(1).float()
+        return {"eval/reward_mean": scores.mean().item(), "eval/kl": kl.mean().item(),
+                "eval/response_length": lengths.mean().item(),
+                "eval/empty_fraction": (lengths == 0).float().mean().item(),
+                "eval/positive_fraction": (scores > 0.5).float().mean().item()}
+
+    # -- state for checkpoints -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "value_head": self.policy.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "running": self.running.state_dict(),
+            "ref_std": self.ref_std,
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                    if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.policy.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.running.load_state_dict(state["running"])
+        self.ref_std = state["ref_std"]
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def is_finite_stats(stats: dict[str, float]) -> bool:
+    return all(math.isfinite(v) or k == "ppo/val/explained_variance" for k, v in stats.items())

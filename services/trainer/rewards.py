@@ -1,0 +1,67 @@
+"""Turning a reward function's answer into trustworthy scores, and waiting for the reward service."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from services.trainer.config import RewardConfig
+from shared.clients import RemoteRewardFn, RetryPolicy, RewardClient
+
+log = logging.getLogger(__name__)
+RewardFn = Callable[..., Sequence[float]]
+
+
+class RewardError(RuntimeError):
+    """The reward function broke its contract; the update is skipped and the run stops with this message."""
+
+
+def checked_scores(raw, expected: int) -> list[float]:
+    """Exactly one finite number per sample, or RewardError. A bad score must never reach an update."""
+    try:
+        scores = [float(s) for s in raw]
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"reward function returned something other than numbers: {exc}") from None
+    if len(scores) != expected:
+        raise RewardError(f"reward function returned {len(scores)} scores for {expected} samples")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise RewardError(f"reward function returned non-finite scores at {bad[:10]}")
+    return scores
+
+
+def wait_for_reward_service(url: str, deadline_s: float, on_wait: Callable[[str], None] | None = None,
+                            api_key: str | None = None) -> None:
+    """Poll `/readyz` with exponential backoff (and jitter) until it answers 200, saying so while waiting."""
+    policy = RetryPolicy(backoff_base=0.5, backoff_max=10.0)
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            r = httpx.get(url.rstrip("/") + "/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+            why = f"HTTP {r.status_code}"
+        except httpx.TransportError as exc:
+            why = type(exc).__name__
+        delay = policy.delay(attempt)
+        if time.monotonic() - started + delay > deadline_s:
+            raise RewardError(f"reward service at {url} not ready after {deadline_s:.0f} s ({why})")
+        message = f"waiting for the reward service at {url} ({why}); next try in {delay:.1f} s"
+        log.warning(message)
+        if on_wait:
+            on_wait(message)
+        time.sleep(delay)
+        attempt += 1
+
+
+def remote_reward_fn(cfg: RewardConfig) -> RemoteRewardFn:
+    """The reward function that calls the reward service: retries with backoff ride out a restart."""
+    retry = RetryPolicy(max_retries=cfg.max_retries, backoff_base=0.25, backoff_max=10.0)
+    client = RewardClient(cfg.url, model=cfg.model, api_key=cfg.api_key, timeout=cfg.timeout_s, retry=retry,
+                          chunk_size=cfg.chunk_size)
+    return RemoteRewardFn(client)

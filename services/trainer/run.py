@@ -1,0 +1,163 @@
+"""`train(config, reward_fn=None, prompts=None, eval_prompts=None)`: one PPO job from start (or resume) to end."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from transformers import AutoModelForCausalLM
+
+from services.trainer.checkpointing import latest_resumable, load_trainer_state, prune, save_checkpoint, update_best
+from services.trainer.config import TrainerConfig
+from services.trainer.data import PromptSampler, load_texts, make_prompts
+from services.trainer.loop import PPOTrainer
+from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_policy_and_tokenizer
+from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
+from services.trainer.tracking import MetricsLog, TrainingStatus
+from shared.runtime import configure_torch
+
+log = logging.getLogger(__name__)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prompts(config: TrainerConfig, prompts, eval_prompts) -> tuple[list[str], list[str]]:
+    d = config.data
+    if prompts is None or eval_prompts is None:
+        train_texts, eval_texts = load_texts(d.source, d.text_column, d.split, d.eval_split)
+        if prompts is None:
+            prompts = make_prompts(train_texts, d.prompt_words, config.train.seed, d.max_prompts)
+        if eval_prompts is None:
+            eval_prompts = make_prompts(eval_texts, d.prompt_words, config.train.seed + 1, d.eval_prompts)
+    return list(prompts), list(eval_prompts)
+
+
+def train(config: TrainerConfig, reward_fn: RewardFn | None = None, prompts: Sequence[str] | None = None,
+          eval_prompts: Sequence[str] | None = None, status: TrainingStatus | None = None,
+          on_step: Callable[[dict], None] | None = None) -> TrainingStatus:
+    """Run the job in `config`; returns its final status. `reward_fn` follows trlX: (samples, prompts, outputs,
+    **kw) -> scores; when None, the reward service named in `config.reward` is used (and waited for)."""
+    status = status or TrainingStatus(total=config.train.total_steps)
+    try:
+        _train(config, reward_fn, prompts, eval_prompts, status, on_step)
+    except Exception as exc:
+        status.state, status.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("training failed: %s", status.error)
+        raise
+    return status
+
+
+def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_step) -> None:
+    t = config.train
+    configure_torch(t.torch_threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    _seed_everything(t.seed + accelerator.process_index)  # before the value head is built: reproducible runs
+
+    base, tokenizer = load_policy_and_tokenizer(config.model.model_path, config.model.revision,
+                                                config.tokenizer.tokenizer_path)
+    tokenizer.truncation_side = config.tokenizer.truncation_side
+    reference = frozen_reference(base)  # the original weights, also when resuming
+    resume_from = latest_resumable(config.run_dir) if t.resume else None
+    if resume_from is not None:
+        base = AutoModelForCausalLM.from_pretrained(resume_from).eval()
+    policy = PolicyWithValueHead(base, config.model.value_head_hidden)
+
+    train_prompts, eval_set = _prompts(config, prompts, eval_prompts)
+    sampler = PromptSampler(train_prompts, t.seed + accelerator.process_index)
+    if reward_fn is None:
+        status.state = "waiting_for_reward"
+        wait_for_reward_service(config.reward.url, config.reward.wait_ready_s,
+                                on_wait=lambda message: setattr(status, "message", message),
+                                api_key=config.reward.api_key)
+        status.message = None
+        reward_fn = remote_reward_fn(config.reward)
+
+    trainer = PPOTrainer(config, policy, reference, tokenizer, reward_fn, sampler, eval_set, accelerator)
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        ranks = state["ranks"]  # a job resumed with fewer or more processes reuses the nearest rank's state
+        trainer.load_state_dict(ranks[min(accelerator.process_index, len(ranks) - 1)] | state["shared"])
+        log.info("resumed from %s at step %d", resume_from, trainer.iteration)
+        status.last_checkpoint = f"{config.run_dir.name}/{resume_from.name}"
+    status.step = status.start_step = trainer.iteration
+    metrics = MetricsLog(config.run_dir, trainer.iteration, t.tensorboard) if main else None
+    last_eval: dict = {}
+    if trainer.iteration == 0:
+        last_eval = _evaluate(trainer, metrics, status, accelerator)
+
+    status.state = "running"
+    progress = _progress(main, status)
+    try:
+        while trainer.iteration < t.total_steps:
+            started = time.perf_counter()
+            stats = trainer.step()
+            it = trainer.iteration
+            status.step, status.reward_mean, status.kl = it, stats["rollout/reward_mean"], stats["objective/kl"]
+            if metrics:
+                record = metrics.write(it, stats)
+                if on_step:
+                    on_step(record)
+            if it % t.eval_interval == 0 or it == t.total_steps:
+                last_eval = _evaluate(trainer, metrics, status, accelerator)
+            stopping = status.stop_requested.is_set()
+            if it % t.checkpoint_interval == 0 or it == t.total_steps or stopping:
+                _checkpoint(trainer, config, status, accelerator, stats | last_eval)
+            elapsed = time.perf_counter() - started
+            status.iteration_seconds = elapsed if status.iteration_seconds is None else \
+                0.8 * status.iteration_seconds + 0.2 * elapsed
+            if progress:
+                progress.update(1)
+                progress.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.2f}")
+            if stopping:
+                status.state = "stopped"
+                return
+        status.state = "finished"
+    finally:
+        if progress:
+            progress.close()
+        if metrics:
+            metrics.close()
+
+
+def _progress(main: bool, status: TrainingStatus):
+    if not main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=status.total, initial=status.step, desc="PPO", unit="it", dynamic_ncols=True)
+
+
+def _evaluate(trainer: PPOTrainer, metrics: MetricsLog | None, status: TrainingStatus, accelerator) -> dict:
+    result: dict = {}
+    if accelerator.is_main_process:
+        result = trainer.evaluate()
+        status.eval_reward_mean = result["eval/reward_mean"]
+        if metrics:
+            metrics.write(trainer.iteration, result)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _checkpoint(trainer: PPOTrainer, config: TrainerConfig, status: TrainingStatus, accelerator,
+                metrics: dict) -> None:
+    """Every process contributes its RNG and data position; the main process writes the checkpoint."""
+    state = trainer.state_dict()
+    per_rank = {"rng": state.pop("rng"), "sampler": state.pop("sampler")}
+    ranks = gather_object([per_rank])
+    if accelerator.is_main_process:
+        path = save_checkpoint(config.run_dir, trainer.iteration, trainer.policy, trainer.tokenizer,
+                               {"shared": state, "ranks": ranks}, metrics, config.model_dump(mode="json"))
+        status.last_checkpoint = f"{config.run_dir.name}/{path.name}"
+        status.best_checkpoint = update_best(config.run_dir, path, "eval/reward_mean",
+                                             metrics.get("eval/reward_mean"))
+        prune(config.run_dir, config.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
