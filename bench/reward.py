@@ -215,10 +215,13 @@ def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float 
         if proc.poll() is not None:
             raise RuntimeError(f"service exited with {proc.returncode}:\n{tail(log_path)}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+            r = httpx.get(f"{url}/readyz", timeout=2)
+        except httpx.HTTPError:  # not listening yet
+            r = None
+        if r is not None and r.status_code == 200:
+            return
+        if r is not None and "failed to load" in r.text:  # the service stays up without its model: stop waiting
+            raise RuntimeError(f"service could not load the model: {r.text}\n{tail(log_path)}")
         time.sleep(0.25)
     raise RuntimeError(f"service not ready after {timeout:.0f} s:\n{tail(log_path)}")
 

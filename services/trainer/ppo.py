@@ -62,9 +62,11 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(policy || reference) of each sampled response, summed over its tokens: (B, T) -> (B,).
 
-    The k3 estimator (ratio - 1 - log ratio; Schulman 2020), which trlX logs: unbiased and never negative."""
-    log_ratio = (logprobs - ref_logprobs) * mask
-    return ((log_ratio.exp() - 1 - log_ratio) * mask).sum(1)
+    Schulman's k3 estimator with r = p_ref / p_policy (samples come from the policy): r - 1 - log r, unbiased and
+    never negative. trlX logs exp(log p - log p_ref) - 1 - (log p - log p_ref) instead, which is biased upwards and
+    explodes on the tokens the policy came to like most."""
+    log_r = (ref_logprobs - logprobs) * mask
+    return ((log_r.exp() - 1 - log_r) * mask).sum(1)
 
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,

@@ -99,9 +99,21 @@ def test_sequence_kl_is_zero_for_identical_policies_and_positive_otherwise():
     lp = torch.tensor([[-1.0, -2.0, -0.5]])
     mask = torch.ones(1, 3)
     assert sequence_kl(lp, lp, mask).item() == 0.0
-    other = lp + torch.tensor([[0.3, -0.2, 0.0]])
-    by_hand = sum(math.exp(d) - 1 - d for d in (-0.3, 0.2, 0.0))
-    assert sequence_kl(lp, other, mask).item() == pytest.approx(by_hand, abs=1e-6)
+    ref = lp + torch.tensor([[0.3, -0.2, 0.0]])  # log r = ref - policy
+    by_hand = sum(math.exp(d) - 1 - d for d in (0.3, -0.2, 0.0))
+    assert sequence_kl(lp, ref, mask).item() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_sequence_kl_estimates_the_true_kl():
+    """Averaged over samples from the policy, it converges to KL(policy || reference) of two categoricals."""
+    torch.manual_seed(4)
+    policy = torch.tensor([0.7, 0.2, 0.1])
+    ref = torch.tensor([0.2, 0.5, 0.3])
+    tokens = torch.multinomial(policy, 200_000, replacement=True)
+    lp, ref_lp = policy.log()[tokens][:, None], ref.log()[tokens][:, None]
+    estimate = sequence_kl(lp, ref_lp, torch.ones_like(lp)).mean().item()
+    true_kl = (policy * (policy / ref).log()).sum().item()
+    assert estimate == pytest.approx(true_kl, rel=0.02)
 
 
 def loop_losses(lp, v, old_lp, old_v, adv, ret, lengths, clip, clip_v, vf_coef):
