@@ -95,7 +95,7 @@ class Batcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         self._closed = False
         self._in_flight = 0  # items taken into a batch that has not finished yet
-        self._recent_sizes: deque[int] = deque(maxlen=16)
+        self._recent_load: deque[int] = deque(maxlen=64)  # items waiting or computing, seen at each arrival
 
     @property
     def depth(self) -> int:
@@ -128,6 +128,7 @@ class Batcher(Generic[T, R]):
         submitted = time.perf_counter()
         pending = [_Pending(item, max(1, self._cost(item)), self._key(item), loop.create_future()) for item in items]
         self._waiting.extend(pending)
+        self._recent_load.append(self.busy)
         self._arrived.set()
         try:
             results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout)
@@ -167,11 +168,12 @@ class Batcher(Generic[T, R]):
         return batch
 
     def _enough_waiting(self) -> bool:
-        """Stop waiting once a full batch, or as many items as the recent busiest batch, are here.
+        """Stop waiting once a full batch is here, or as many items as were recently in the system at once.
 
-        Under a steady closed loop of N clients this waits for all N to come back (batches do not split into two
-        half batches that never heal), and a lone client never waits at all."""
-        target = min(self.max_batch_size, max(self._recent_sizes, default=self.max_batch_size))
+        Under a steady closed loop of N clients that is N: the batch waits for the clients of the batch that just
+        finished to come back, so two half batches merge instead of alternating for ever. A lone client never
+        waits at all."""
+        target = min(self.max_batch_size, max(self._recent_load, default=self.max_batch_size))
         return len(self._waiting) >= target or sum(p.cost for p in self._waiting) >= self.max_batch_tokens
 
     async def _run(self) -> None:
@@ -194,7 +196,6 @@ class Batcher(Generic[T, R]):
             if not self._waiting:
                 continue
             batch = self._take_batch()
-            self._recent_sizes.append(len(batch))
             self._in_flight = len(batch)
             started = time.perf_counter()
             try:

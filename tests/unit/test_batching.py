@@ -200,7 +200,9 @@ async def test_a_lone_client_does_not_wait_out_max_wait():
     await b.close()
 
 
-async def test_a_closed_loop_of_clients_keeps_batches_whole():
+async def test_a_split_closed_loop_heals_into_whole_batches():
+    """One client first, seven while its batch runs: batches of 1 and 7 would alternate for ever unless the next
+    batch waits for the client that just got its answer."""
     rec = Recorder(delay=0.01)
     b = make(rec, max_batch_size=32, max_wait_ms=200)
 
@@ -209,6 +211,14 @@ async def test_a_closed_loop_of_clients_keeps_batches_whole():
             await b.submit([f"c{i}-{r}"])
             await asyncio.sleep(0.001 * (i % 3))  # clients come back at slightly different times
 
-    await asyncio.gather(*(client(i) for i in range(8)))
-    assert [len(x) for x in rec.batches[-4:]] == [8, 8, 8, 8]
+    rec.gate.clear()
+    tasks = [asyncio.create_task(client(0))]
+    await asyncio.sleep(0.05)  # client 0's first item is in the worker, held at the gate
+    tasks += [asyncio.create_task(client(i)) for i in range(1, 8)]
+    await asyncio.sleep(0.05)
+    rec.gate.set()
+    await asyncio.gather(*tasks)
+    sizes = [len(x) for x in rec.batches]
+    assert sizes[0] == 1 and sum(sizes) == 48
+    assert sizes[1:5] == [8, 8, 8, 8]  # the seven waited for client 0 instead of leaving it behind
     await b.close()
