@@ -5,7 +5,7 @@ RLHF_TINY_DIR ?= .cache/tiny
 BIN := $(VENV)/bin
 export RLHF_TINY_DIR
 
-.PHONY: venv test lint tiny serve score bench-reward clean
+.PHONY: venv test lint tiny serve serve-generator train bench-reward bench-generator bench-ppo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,23 @@ tiny: venv
 serve: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf reward serve --model $(RLHF_TINY_DIR)/tiny-sentiment --port 8000
 
+# The tiny preset end to end: a reward service in the background, PPO in the foreground, the service stopped after.
+train: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf reward serve --model $(RLHF_TINY_DIR)/tiny-sentiment --port 8000 \
+		--log-level warning & pid=$$!; trap 'kill $$pid 2>/dev/null' EXIT INT TERM; \
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf train --config configs/tiny.yaml
+
+serve-generator: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf generator serve --model $(RLHF_TINY_DIR)/tiny-gpt2 --checkpoints runs --port 8001
+
 bench-reward: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/reward.py
+
+bench-generator: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/generator.py
+
+bench-ppo: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/ppo.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -26,6 +26,7 @@ def serve(
     max_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per generate call (1: none).")] = None,
     torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve POST /v1/generate, POST /v1/completions (OpenAI) and GET /v1/checkpoints (docs at /docs)."""
     import uvicorn
@@ -36,7 +37,7 @@ def serve(
     try:
         values = read_yaml(config) if config else {}
         flags = {"model": model, "checkpoints": checkpoints, "host": host, "port": port,
-                 "torch_threads": torch_threads, "device": device}
+                 "torch_threads": torch_threads, "device": device, "log_level": log_level}
         values.update({k: v for k, v in flags.items() if v is not None})
         if max_batch_size is not None:
             values["batching"] = {**values.get("batching", {}), "max_batch_size": max_batch_size}

@@ -44,6 +44,7 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits to fill.")] = None,
     torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve reward models over HTTP (POST /v1/score, /v1/classify; GET /v1/models; docs at /docs)."""
     import uvicorn
@@ -54,6 +55,7 @@ def serve(
                 if v is not None}
     settings = load_settings(config, {"model": model, "label": label, "name": name, "score": score, "host": host,
                                       "port": port, "torch_threads": torch_threads, "device": device,
+                                      "log_level": log_level,
                                       "batching": batching})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
