@@ -61,6 +61,30 @@ def _error_from(response: httpx.Response) -> ServiceError:
         return ServiceError(f"{response.status_code}: {response.text[:300]}", response.status_code)
 
 
+class _ClosesOnExit:
+    """`with Client(...) as c:` closes the client's connections on the way out."""
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _AsyncClosesOnExit:
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
 class _Retrying:
     """What the sync and async clients share: base URL, auth, the retry decision and its log line."""
 
@@ -88,7 +112,7 @@ class _Retrying:
         return delay
 
 
-class HttpJsonClient(_Retrying):
+class HttpJsonClient(_Retrying, _ClosesOnExit):
     """Blocking JSON-over-HTTP with retries."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
@@ -112,14 +136,8 @@ class HttpJsonClient(_Retrying):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class AsyncHttpJsonClient(_Retrying):
+class AsyncHttpJsonClient(_Retrying, _AsyncClosesOnExit):
     """Non-blocking JSON-over-HTTP with retries."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
@@ -143,12 +161,6 @@ class AsyncHttpJsonClient(_Retrying):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
 
 def _chunks(texts: Sequence[str], size: int) -> list[list[str]]:
     return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
@@ -170,7 +182,7 @@ def _payload(texts: list[str], model: str | None) -> dict:
     return {"texts": texts, **({"model": model} if model else {})}
 
 
-class RewardClient:
+class RewardClient(_ClosesOnExit):
     """Blocking client of the reward service. Long lists are split into `chunk_size` requests."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, api_key: str | None = None,
@@ -198,17 +210,8 @@ class RewardClient:
     def models(self) -> list[dict]:
         return self.http.request("GET", "/v1/models")["models"]
 
-    def close(self) -> None:
-        self.http.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class AsyncRewardClient:
+class AsyncRewardClient(_AsyncClosesOnExit):
     """Non-blocking client of the reward service; chunks go out concurrently, at most `max_concurrency` at once."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, api_key: str | None = None,
@@ -238,21 +241,12 @@ class AsyncRewardClient:
     async def models(self) -> list[dict]:
         return (await self.http.request("GET", "/v1/models"))["models"]
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
 
 def _generate_payload(prompts: Sequence[str], checkpoint: str, params: dict[str, Any]) -> dict:
     return {"prompts": list(prompts), "checkpoint": checkpoint, **{k: v for k, v in params.items() if v is not None}}
 
 
-class GeneratorClient:
+class GeneratorClient(_ClosesOnExit):
     """Blocking client of the generator service. Extra keyword arguments are sampling parameters."""
 
     def __init__(self, url: str = "http://127.0.0.1:8001", *, api_key: str | None = None, timeout: float = 300.0,
@@ -267,17 +261,8 @@ class GeneratorClient:
     def checkpoints(self) -> list[dict]:
         return self.http.request("GET", "/v1/checkpoints")["checkpoints"]
 
-    def close(self) -> None:
-        self.http.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class AsyncGeneratorClient:
+class AsyncGeneratorClient(_AsyncClosesOnExit):
     """Non-blocking client of the generator service."""
 
     def __init__(self, url: str = "http://127.0.0.1:8001", *, api_key: str | None = None, timeout: float = 300.0,
@@ -290,15 +275,6 @@ class AsyncGeneratorClient:
 
     async def checkpoints(self) -> list[dict]:
         return (await self.http.request("GET", "/v1/checkpoints"))["checkpoints"]
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
 
 
 class RemoteRewardFn:

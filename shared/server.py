@@ -5,10 +5,12 @@ Status codes are chosen here and in routes only; the engines below them raise pl
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -204,3 +206,35 @@ def create_service_app(*, title: str, namespace: str, max_body_bytes: int, lifes
     app.add_middleware(BodyGuard, max_bytes=max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.http_metrics)
     return app
+
+
+class BackgroundLoad:
+    """Loads a service's models after start-up, so /healthz answers at once and /readyz says 503 (with the reason)
+    until they are in memory, or why they failed to load. A failure leaves the process up for the admin API."""
+
+    def __init__(self, what: str, load: Callable[[], Awaitable[None]]):
+        self.what, self._load = what, load
+        self.not_ready: str | None = f"{what} loading"
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        try:
+            await self._load()
+            self.not_ready = None
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
+            self.not_ready = f"{self.what} failed to load: {exc}"
+            log.error("%s", self.not_ready)
+
+    def lifespan(self, torch_threads: int, on_shutdown: Callable[[], Awaitable[None]]):
+        """A FastAPI lifespan: pin torch threads, load in the background, run `on_shutdown` at the end."""
+        from shared.runtime import configure_torch
+
+        @asynccontextmanager
+        async def lifespan(_: FastAPI):
+            configure_torch(torch_threads)
+            self._task = asyncio.create_task(self._run())
+            yield
+            self._task.cancel()
+            await on_shutdown()
+
+        return lifespan

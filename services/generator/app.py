@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -13,32 +11,22 @@ from services.generator.engine import GenerationItem, generate_batch
 from services.generator.routes import GeneratorMetrics, build_router
 from services.generator.settings import GeneratorSettings
 from shared.batching import Batcher
-from shared.runtime import configure_torch, resolve_device
-from shared.server import add_operational_routes, create_service_app
+from shared.runtime import resolve_device
+from shared.server import BackgroundLoad, add_operational_routes, create_service_app
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: GeneratorSettings) -> FastAPI:
-    state: dict = {"loading": "the base model is loading", "task": None}
-
     async def load_base() -> None:
-        try:
-            await store.load_base()
-            metrics.loaded.set(len(store.loaded_names))
-            state["loading"] = None
-        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
-            state["loading"] = f"the base model failed to load: {exc}"
-            log.error("%s", state["loading"])
+        await store.load_base()
+        metrics.loaded.set(len(store.loaded_names))
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        configure_torch(settings.torch_threads)
-        state["task"] = asyncio.create_task(load_base())
-        yield
-        state["task"].cancel()
+    async def shutdown() -> None:
         await batcher.close()
 
+    loading = BackgroundLoad("the base model", load_base)
+    lifespan = loading.lifespan(settings.torch_threads, shutdown)
     app = create_service_app(title="Generator service", namespace="generator",
                              max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     metrics = GeneratorMetrics(app.state.registry)
@@ -50,6 +38,6 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         max_batch_tokens=b.max_batch_tokens, max_wait_ms=b.max_wait_ms, max_queue_size=b.max_queue_size,
         on_batch=metrics.observe_batch)
     app.state.store, app.state.batcher, app.state.settings = store, batcher, settings
-    add_operational_routes(app, app.state.registry, lambda: state["loading"])
+    add_operational_routes(app, app.state.registry, lambda: loading.not_ready)
     app.include_router(build_router(settings, store, batcher, metrics))
     return app

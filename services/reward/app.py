@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -12,40 +10,27 @@ from services.reward.metrics import RewardMetrics
 from services.reward.registry import ModelRegistry
 from services.reward.routes import build_router
 from services.reward.settings import RewardSettings
-from shared.runtime import configure_torch, resolve_device
+from shared.runtime import resolve_device
 from shared.schemas import ModelSpec
-from shared.server import add_operational_routes, create_service_app
+from shared.server import BackgroundLoad, add_operational_routes, create_service_app
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: RewardSettings) -> FastAPI:
-    state: dict = {"loading": "models are loading", "task": None}
-
     async def load_startup_models() -> None:
-        try:
-            for spec in settings.models:
-                await registry.put(spec.name, ModelSpec(**spec.model_dump(exclude={"name"})))
-            state["loading"] = None
-        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log; the process stays up
-            state["loading"] = f"startup model failed to load: {exc}"
-            log.error("%s", state["loading"])
+        for spec in settings.models:
+            await registry.put(spec.name, ModelSpec(**spec.model_dump(exclude={"name"})))
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        configure_torch(settings.torch_threads)
-        state["task"] = asyncio.create_task(load_startup_models())
-        yield
-        state["task"].cancel()
-        await registry.close()
-
+    loading = BackgroundLoad("the startup models", load_startup_models)
+    lifespan = loading.lifespan(settings.torch_threads, lambda: registry.close())
     app = create_service_app(title="Reward service", namespace="reward", max_body_bytes=settings.max_body_bytes,
                              lifespan=lifespan)
     registry = ModelRegistry(settings.batching, resolve_device(settings.device), RewardMetrics(app.state.registry))
     app.state.models = registry
     app.state.settings = settings
     app.state.before_scrape.append(registry.refresh_gauges)
-    add_operational_routes(app, app.state.registry, lambda: state["loading"] or (None if len(registry) else
-                                                                                 "no model is loaded"))
+    add_operational_routes(app, app.state.registry,
+                           lambda: loading.not_ready or (None if len(registry) else "no model is loaded"))
     app.include_router(build_router(settings, registry))
     return app
