@@ -255,3 +255,29 @@ def test_generator_client_and_cli(server, tiny_kit):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == body["completions"][0]["text"]
+
+
+def test_api_key_guards_v1_but_not_health_or_metrics(tiny_kit, serve):
+    s = serve(create_app(make_settings(tiny_kit, api_key="gen-secret")))
+    body = {"prompts": ["a"], "checkpoint": "base", "max_new_tokens": 2}
+    r = httpx.post(s.url + "/v1/generate", json=body)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    ok = httpx.post(s.url + "/v1/generate", json=body, headers={"Authorization": "Bearer gen-secret"})
+    assert ok.status_code == 200
+    assert httpx.get(s.url + "/v1/checkpoints").status_code == 401
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(s.url + path).status_code == 200
+
+
+def test_async_generator_client(server):
+    from shared.clients import AsyncGeneratorClient
+
+    async def main():
+        async with AsyncGeneratorClient(server.url) as client:
+            bodies = await asyncio.gather(*(client.generate([p], checkpoint="base", do_sample=False,
+                                                            max_new_tokens=8) for p in PROMPTS))
+            return bodies, await client.checkpoints()
+
+    bodies, listing = asyncio.run(main())
+    assert [b["completions"][0]["prompt"] for b in bodies] == PROMPTS
+    assert listing[0]["name"] == "base"

@@ -94,7 +94,28 @@ def test_local_files_folders_and_columns(tmp_path):
     (folder / "test.csv").write_text("review,label\n" + "".join(f"test row {i},0\n" for i in range(2)))
     train, held = load_texts(str(folder), column="review")
     assert len(train) == 5 and len(held) == 2 and held[0].startswith("test")
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    train, held = load_texts(str(tmp_path / "data.parquet"), column="review")
+    assert len(train) == 27 and train[0] == "text number 0 is here"
     with pytest.raises(DataError, match="no column 'text'"):
         load_texts(str(tmp_path / "data.jsonl"))
     with pytest.raises(DataError, match="not imdb, tiny"):
         load_texts(str(tmp_path / "missing.csv"))
+
+
+def test_tiny_preset_builds_the_kit_only_when_missing(tmp_path, monkeypatch):
+    from services.trainer import cli
+
+    kit = tmp_path / "kit"
+    monkeypatch.setenv("RLHF_TINY_DIR", str(kit))
+    built = []
+    monkeypatch.setattr("shared.tiny.build.build_tiny", lambda out, **kw: built.append(out))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cli._ensure_tiny_kit(cfg)
+    assert built == [kit]
+    kit.mkdir()
+    (kit / "report.json").write_text("{}")
+    cli._ensure_tiny_kit(cfg)
+    assert built == [kit]  # present: reused, not rebuilt
