@@ -44,40 +44,23 @@ import contextlib
 import gc
 import itertools
 import json
-import math
-import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: find common.py next to us
+
+import common  # noqa: E402
+from common import log, percentile, rounded  # noqa: E402
+
 CONCURRENCIES = (1, 4, 16)
 BATCH_SIZE = 16  # the ceiling's batch and the service's max batch size
 TARGET_RATIO = 0.8
-SMALL_DIR = REPO / ".cache" / "bench" / "gpt2-small"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def rounded(x: float, digits: int = 2) -> float:
-    return round(x, digits) if math.isfinite(x) else x
+BATCH_HISTOGRAM = "generator_batch_size"  # sequences per generate call, on the service's /metrics
 
 
 def sampling(max_new_tokens: int) -> dict:
@@ -86,37 +69,6 @@ def sampling(max_new_tokens: int) -> dict:
 
 
 # -- load generator (runs in its own process) -----------------------------------------------------------------------
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc; NaN where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of stat(5)
-
-
-def parse_batch_metrics(text: str) -> dict[str, float]:
-    """The `_sum` and `_count` of the generator's batch-size histogram from a Prometheus scrape."""
-    out = {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in ("generator_batch_size_sum", "generator_batch_size_count"):
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
-async def snapshot(probe, service_pid: int) -> dict:
-    """Counters read at a window edge; the difference of two gives what happened inside the window."""
-    # Clock and CPU first: the /metrics answer can wait behind a running batch.
-    edge = {"t": time.perf_counter(), "service_cpu": process_cpu_seconds(service_pid),
-            "loadgen_cpu": time.process_time()}
-    try:
-        edge.update(parse_batch_metrics((await probe.get("/metrics")).text))
-    except Exception as exc:  # noqa: BLE001 - the batch size is a diagnostic; the measurement stands without it
-        log(f"  (could not read /metrics: {exc})")
-    return edge
-
 
 @dataclass
 class Window:
@@ -133,12 +85,12 @@ class Window:
 async def close_window(window: Window, probe, service_pid: int) -> None:
     """Snapshot at the start, then close the window as soon as it may close, and snapshot again."""
     await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-    window.edges.append(await snapshot(probe, service_pid))
+    window.edges.append(await common.snapshot(probe, service_pid, BATCH_HISTOGRAM))
     await asyncio.sleep(max(0.0, window.min_end - time.perf_counter()))
     while min(window.counted) < 1 and time.perf_counter() < window.hard_end:
         await asyncio.sleep(0.02)
     window.end = time.perf_counter()
-    window.edges.append(await snapshot(probe, service_pid))
+    window.edges.append(await common.snapshot(probe, service_pid, BATCH_HISTOGRAM))
 
 
 async def client_loop(client, prompts: list[str], first: int, step: int, body: dict, window: Window,
@@ -175,16 +127,9 @@ async def client_loop(client, prompts: list[str], first: int, step: int, body: d
 async def closed_loop(url: str, prompts: list[str], concurrency: int, warmup: float, duration: float,
                       max_new_tokens: int, service_pid: int) -> dict:
     """`concurrency` clients, each sending one prompt per request and the next as soon as the answer comes."""
-    import httpx
-
     body = {"checkpoint": "base", "seed": None, "num_return_sequences": 1, **sampling(max_new_tokens)}
     async with contextlib.AsyncExitStack() as stack:
-        # One client (one keep-alive connection) per simulated user, as a real fleet of callers would have; a
-        # shared pool costs the load generator more CPU per request (seen in bench/reward.py).
-        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=one, timeout=600))
-                   for _ in range(concurrency)]
-        probe = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=60))  # for /metrics
+        clients, probe = await common.open_clients(stack, url, concurrency, timeout=600, probe_timeout=60)
         now = time.perf_counter()  # the clock starts once the clients exist
         window = Window(start=now + warmup, min_end=now + warmup + duration,
                         hard_end=now + warmup + 4 * duration + 120, counted=[0] * concurrency)
@@ -210,9 +155,6 @@ def summarize(done: list[list[tuple]], window: Window) -> dict:
         rate += sum(d[3] for d in good) / (max(d[1] for d in good) - min(d[0] for d in good))
     latencies = sorted((d[1] - d[0]) * 1000 for d in ok)
     first, last = window.edges
-    elapsed = last["t"] - first["t"]
-    batches = last.get("generator_batch_size_count", 0) - first.get("generator_batch_size_count", 0)
-    sequences = last.get("generator_batch_size_sum", 0) - first.get("generator_batch_size_sum", 0)
     tokens = sum(d[3] for d in ok)
     return {
         "tokens_per_s": rounded(rate, 1),
@@ -224,21 +166,15 @@ def summarize(done: list[list[tuple]], window: Window) -> dict:
         "window_s": rounded(window.end - window.start, 1),
         "mean_tokens": rounded(tokens / len(ok)) if ok else float("nan"),  # below max_new_tokens: EOS came first
         "stop_fraction": rounded(sum(d[4] for d in ok) / len(ok), 3) if ok else float("nan"),
-        "mean_batch_size": rounded(sequences / batches) if batches else float("nan"),
-        "service_cpu_cores": rounded((last["service_cpu"] - first["service_cpu"]) / elapsed),
-        "loadgen_cpu_cores": rounded((last["loadgen_cpu"] - first["loadgen_cpu"]) / elapsed),
+        "mean_batch_size": common.mean_batch_size(first, last, BATCH_HISTOGRAM),
+        **common.cpu_cores(first, last),
     }
 
 
 def loadgen_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="generator.py _loadgen")
-    p.add_argument("--url", required=True)
+    p = common.loadgen_parser("generator.py")
     p.add_argument("--prompts", required=True, type=Path, help="JSON list of prompts")
-    p.add_argument("--concurrency", type=int, required=True)
-    p.add_argument("--warmup", type=float, required=True)
-    p.add_argument("--duration", type=float, required=True)
     p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--service-pid", type=int, required=True)
     a = p.parse_args(argv)
     prompts = json.loads(a.prompts.read_text())
     result = asyncio.run(closed_loop(a.url, prompts, a.concurrency, a.warmup, a.duration, a.max_new_tokens,
@@ -248,82 +184,16 @@ def loadgen_main(argv: list[str]) -> None:
 
 # -- the service under test -----------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rlhf_command() -> list[str]:
-    script = Path(sys.executable).parent / "rlhf"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}:\n{tail(log_path)}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"service not ready after {timeout:.0f} s:\n{tail(log_path)}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time; only this one process, by its pid."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)  # a graceful shutdown finishes the batch in flight (seconds for `small`)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def child_env(threads: int) -> dict[str, str]:
-    # The service pins torch threads itself; the OpenMP variable also keeps its import from spawning one per core.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
-
-
-@contextlib.contextmanager
-def running_service(model_dir: Path, work: Path, tag: str, args):
-    """The generator service in a subprocess, ready to serve; always stopped on the way out."""
-    import yaml
-
-    port = free_port()
-    config = work / f"{tag}.yaml"
+def generator_service(model_dir: Path, work: Path, tag: str, args):
+    """The generator service serving `model_dir` in a subprocess (see common.running_service)."""
     # max_wait_ms has no flag, so batching goes in a config file; the rest on the command line.
-    config.write_text(yaml.safe_dump({
+    config = {
         "batching": {"max_batch_size": BATCH_SIZE, "max_wait_ms": args.max_wait_ms},
         "log_level": args.service_log_level,  # "info" would add an access-log line per request to what is measured
-    }))
-    cmd = [*rlhf_command(), "generator", "serve", "--config", str(config), "--model", str(model_dir),
-           "--port", str(port), "--torch-threads", str(args.threads), "--device", "cpu"]
-    log_path = work / f"{tag}.log"
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=child_env(args.threads))
-    try:
-        wait_ready(url, proc, log_path)
-        yield url, proc
-        if proc.poll() is not None:
-            raise RuntimeError(f"service died during the run:\n{tail(log_path)}")
-    finally:
-        stop(proc)
+    }
+    flags = ["--model", str(model_dir), "--device", "cpu"]
+    # A graceful shutdown finishes the batch in flight (seconds for `small`), hence the longer wait before SIGKILL.
+    return common.running_service("generator", config, flags, work, tag, threads=args.threads, stop_timeout=30)
 
 
 def check_service(url: str, prompt: str, max_new_tokens: int) -> None:
@@ -337,19 +207,16 @@ def check_service(url: str, prompt: str, max_new_tokens: int) -> None:
 
 
 def run_load(url: str, service_pid: int, prompts_file: Path, concurrency: int, args) -> dict:
-    """One closed-loop measurement, generated by a separate process so it does not share the service's GIL."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_loadgen", "--url", url, "--prompts", str(prompts_file),
-           "--concurrency", str(concurrency), "--warmup", str(args.warmup), "--duration", str(args.duration),
-           "--max-new-tokens", str(args.max_new_tokens), "--service-pid", str(service_pid)]
-    # subprocess.run kills the child if it times out or this process is interrupted.
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, timeout=args.warmup + 5 * args.duration + 600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+    """One closed-loop measurement by the load generator process (see common.run_loadgen)."""
+    options = {"url": url, "prompts": prompts_file, "concurrency": concurrency, "warmup": args.warmup,
+               "duration": args.duration, "max_new_tokens": args.max_new_tokens, "service_pid": service_pid}
+    # A window may stay open past --duration (until every user has a whole request in it).
+    return common.run_loadgen(__file__, options, timeout=args.warmup + 5 * args.duration + 600)
 
 
 def measure_service(model_dir: Path, name: str, work: Path, prompts: list[str], prompts_file: Path, args) -> dict:
     results = {}
-    with running_service(model_dir, work, name, args) as (url, proc):
+    with generator_service(model_dir, work, name, args) as (url, proc):
         check_service(url, prompts[0], args.max_new_tokens)
         for c in CONCURRENCIES:
             r = run_load(url, proc.pid, prompts_file, c, args)
@@ -408,66 +275,18 @@ def measure_ceiling(model_dir: Path, prompts: list[str], max_new_tokens: int, du
 
 # -- models and prompts ---------------------------------------------------------------------------------------------
 
-def tiny_dir(arg: str | None) -> Path:
-    """The tiny kit, built (about 2 minutes) if its policy or corpus is missing."""
-    root = Path(arg or os.environ.get("RLHF_TINY_DIR") or REPO / ".cache" / "tiny")
-    if not (root / "tiny-gpt2").is_dir() or not (root / "corpus" / "heldout.jsonl").is_file():
-        from shared.tiny.build import build_tiny
-
-        log(f"building the tiny kit in {root} (about 2 minutes)")
-        build_tiny(root)
-    return root
-
-
-def small_model(tokenizer_dir: Path, out: Path = SMALL_DIR) -> Path:
-    """A GPT-2-small-size causal LM with random weights, built once and cached (about 350 MB).
-
-    Random weights are enough: speed does not depend on the values. It uses the tiny tokenizer, so the prompts
-    have the same token counts for both sizes and only the model's size differs. Built in a scratch folder and
-    renamed into place, so an interrupted build is never taken for a finished one.
-    """
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    log(f"building the GPT-2-small-size model in {out}")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=len(tok),
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(scratch)
-        tok.save_pretrained(scratch)
-        scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        scratch.rename(out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return out
-
-
 def read_prompts(tiny: Path) -> list[str]:
     """The first 3, 4 or 5 words (in turn) of each held-out text: short prompts, as in RLHF rollouts."""
-    lines = (tiny / "corpus" / "heldout.jsonl").read_text().splitlines()
-    texts = [json.loads(line)["text"] for line in lines if line.strip()]
-    return [" ".join(text.split()[: 3 + i % 3]) for i, text in enumerate(texts)]
+    return [" ".join(text.split()[: 3 + i % 3]) for i, text in enumerate(common.heldout_texts(tiny))]
 
 
 def model_facts(model_dir: Path, prompts: list[str]) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     counts = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
-    cfg = AutoConfig.from_pretrained(str(model_dir))
-    # Parameters from the config (GPT-2 ties the output layer to the token embedding): no need to load weights.
-    d = cfg.n_embd
-    params = cfg.vocab_size * d + cfg.n_positions * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
-    return {"model_dir": str(model_dir), "layers": cfg.n_layer, "dim": d, "params_millions": rounded(params / 1e6, 1),
-            "mean_prompt_tokens": rounded(statistics.fmean(counts)), "max_prompt_tokens": max(counts)}
+    prompt_tokens = {"mean_prompt_tokens": rounded(statistics.fmean(counts)), "max_prompt_tokens": max(counts)}
+    return common.gpt2_facts(model_dir) | prompt_tokens
 
 
 # -- one size, end to end -------------------------------------------------------------------------------------------
@@ -503,74 +322,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the service's batching wait (its default: 5)")
     p.add_argument("--service-log-level", default="warning", help="the service's log level (info logs each request)")
-    p.add_argument("--tiny-dir", default=None, help="tiny kit folder (default $RLHF_TINY_DIR or .cache/tiny)")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    common.add_output_options(p)
     args = p.parse_args(argv)
-    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = set(args.sizes) - {"tiny", "small"}
-    if unknown or not args.sizes:
-        p.error(f"--sizes takes tiny and/or small, got {args.sizes}")
+    args.sizes = common.split_sizes(p, args.sizes, ("tiny", "small"))
     if args.duration <= 0 or args.warmup < 0 or args.threads < 1 or args.max_new_tokens < 1:
         p.error("--duration and --max-new-tokens must be positive, --warmup >= 0, --threads >= 1")
     return args
 
 
-def without_nan(x):
-    """NaN (a measurement with no samples) as null, so the output is strict JSON."""
-    if isinstance(x, dict):
-        return {k: without_nan(v) for k, v in x.items()}
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    # Before torch is imported anywhere in this process: no hub, and no OpenMP pool wider than asked for.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from shared.runtime import configure_torch
-
-    configure_torch(args.threads)
-    # A SIGTERM must still run the `finally`s that stop the service (and subprocess.run kills the load generator).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    common.prepare_process(args.threads)
     started = time.perf_counter()
-    report = {"device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-              "max_new_tokens": args.max_new_tokens, "batch_size": BATCH_SIZE, "max_wait_ms": args.max_wait_ms,
-              "duration_s": args.duration, "warmup_s": args.warmup, "load_avg_at_start": os.getloadavg()[0]}
+    settings = {"max_new_tokens": args.max_new_tokens, "batch_size": BATCH_SIZE, "max_wait_ms": args.max_wait_ms,
+                "duration_s": args.duration, "warmup_s": args.warmup}
+    report = common.report_header(args.threads, settings)
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-generator-"))
     try:
-        tiny = tiny_dir(args.tiny_dir)
+        tiny = common.tiny_dir(args.tiny_dir, ("tiny-gpt2", "corpus/heldout.jsonl"))
         prompts = read_prompts(tiny)
         prompts_file = work / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
         for size in args.sizes:
-            model_dir = tiny / "tiny-gpt2" if size == "tiny" else small_model(tiny / "tiny-gpt2")
+            model_dir = tiny / "tiny-gpt2" if size == "tiny" else common.small_gpt2(tiny / "tiny-gpt2")
             report[size] = bench_size(size, model_dir, prompts, prompts_file, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "small" in report:
         report["target_met"] = report["small"]["target_met"]  # the target is about the small size
-    report["load_avg_at_end"] = os.getloadavg()[0]  # well above 1 + threads: something else shared the CPUs
-    report["wall_s"] = rounded(time.perf_counter() - started, 1)
-    result = without_nan(report)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    common.print_report(report, started, args.out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
-        loadgen_main(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    common.main_or_loadgen(main, loadgen_main)

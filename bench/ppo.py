@@ -50,9 +50,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import signal
 import statistics
 import sys
 import time
@@ -62,7 +59,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: find common.py next to us
 
-from common import REPO, code_version, cpu_name, log, rounded, small_gpt2, tiny_dir, without_nan  # noqa: E402
+import common  # noqa: E402
+from common import REPO, log, rounded  # noqa: E402
 
 # Per size: rollouts per iteration, minibatch, PPO epochs, timed iterations. `small` is smaller so one run of it
 # stays within a few minutes on 2 cores.
@@ -284,16 +282,6 @@ def summarize(samples: dict[str, list[dict[str, float]]]) -> dict:
 
 # -- one size, end to end ----------------------------------------------------------------------------------------------
 
-def model_facts(model_dir: Path) -> dict:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(model_dir))
-    d = cfg.n_embd
-    # From the config (GPT-2 ties the output layer to the token embedding): no need to load weights.
-    params = cfg.vocab_size * d + cfg.n_positions * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
-    return {"model_dir": str(model_dir), "layers": cfg.n_layer, "dim": d, "params_millions": rounded(params / 1e6, 1)}
-
-
 def settings_record(config, s: Settings) -> dict:
     m = config.method
     return {"rollouts": s.rollouts, "minibatch": s.minibatch, "ppo_epochs": s.epochs,
@@ -306,7 +294,7 @@ def settings_record(config, s: Settings) -> dict:
 
 
 def bench_size(name: str, model_dir: Path, prompts: list[str], reward: SentimentReward, s: Settings) -> dict:
-    result = model_facts(model_dir)
+    result = common.gpt2_facts(model_dir)
     log(f"{name}: {result['layers']} layers, dim {result['dim']}, {result['params_millions']} M parameters; "
         f"{s.rollouts} rollouts, minibatch {s.minibatch}, {s.epochs} epochs, {s.max_new_tokens} new tokens")
     config = our_config(model_dir, s)
@@ -331,13 +319,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine more threads ran small models far slower)")
     p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--tiny-dir", default=None, help="tiny kit folder (default $RLHF_TINY_DIR or .cache/tiny)")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    common.add_output_options(p)
     args = p.parse_args(argv)
-    args.sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
-    unknown = set(args.sizes) - set(DEFAULTS)
-    if unknown or not args.sizes:
-        p.error(f"--sizes takes tiny and/or small, got {args.sizes}")
+    args.sizes = common.split_sizes(p, args.sizes, tuple(DEFAULTS))
     for flag in ("iterations", "rollouts", "minibatch", "epochs", "max_new_tokens", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -377,31 +361,19 @@ def versions() -> dict:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    # Before torch is imported anywhere in this process: no hub, and no OpenMP pool wider than asked for.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from shared.runtime import configure_torch
-
-    configure_torch(args.threads)
+    common.prepare_process(args.threads)
     quiet_libraries()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
-    report = {"device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-              "seed": args.seed, "versions": versions(), "load_avg_at_start": os.getloadavg()[0],
-              "code": code_version()}
-    tiny = tiny_dir(args.tiny_dir, ("tiny-gpt2", "tiny-sentiment", "corpus/train.jsonl"))
+    report = common.report_header(args.threads, {"seed": args.seed, "versions": versions()})
+    report["code"] = common.code_version()
+    tiny = common.tiny_dir(args.tiny_dir, ("tiny-gpt2", "tiny-sentiment", "corpus/train.jsonl"))
     prompts = read_prompts(tiny, args.seed)
     reward = SentimentReward(tiny / "tiny-sentiment")
     for size in args.sizes:
-        model_dir = tiny / "tiny-gpt2" if size == "tiny" else small_gpt2(tiny / "tiny-gpt2")
+        model_dir = tiny / "tiny-gpt2" if size == "tiny" else common.small_gpt2(tiny / "tiny-gpt2")
         report[size] = bench_size(size, model_dir, prompts, reward, settings_for(size, args))
         gc.collect()  # this size's four models, before the next size loads its own
-    report["load_avg_at_end"] = os.getloadavg()[0]  # well above 1 + threads: something else shared the CPUs
-    report["wall_s"] = rounded(time.perf_counter() - started, 1)
-    result = without_nan(report)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    common.print_report(report, started, args.out)
 
 
 if __name__ == "__main__":

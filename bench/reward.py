@@ -32,68 +32,25 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
-import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: find common.py next to us
+
+import common  # noqa: E402
+from common import log, percentile, rounded  # noqa: E402
+
 CONCURRENCIES = (1, 8, 64)
 MODEL_NAME = "m"
 TARGETS = {"ratio_to_ceiling": 0.85, "speedup_vs_unbatched": 4.0, "p50_c1_minus_forward_ms": 10.0}
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1) of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def rounded(x: float, digits: int = 2) -> float:
-    return round(x, digits) if math.isfinite(x) else x
+BATCH_HISTOGRAM = "reward_batch_size"  # texts per batch, on the service's /metrics
 
 
 # -- load generator (runs in its own process) -----------------------------------------------------------------------
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc; NaN where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15 of stat(5)
-
-
-def parse_batch_metrics(text: str) -> dict[str, float]:
-    """The `_sum` and `_count` of the reward batch histograms from a Prometheus scrape."""
-    out = {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name.startswith("reward_batch_") and name.endswith(("_sum", "_count")):
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
-async def snapshot(client, service_pid: int) -> dict:
-    """Counters read at a window edge; the difference of two gives what happened inside the window."""
-    # Clock and CPU first: the /metrics answer can wait behind many requests when the service is loaded.
-    edge = {"t": time.perf_counter(), "service_cpu": process_cpu_seconds(service_pid),
-            "loadgen_cpu": time.process_time()}
-    return {**edge, **parse_batch_metrics((await client.get("/metrics")).text)}
-
 
 async def closed_loop(url: str, texts: list[str], concurrency: int, warmup: float, duration: float,
                       service_pid: int) -> dict:
@@ -103,15 +60,8 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, warmup: floa
     that finish inside the window count. After the window each client finishes its request in flight (so no
     abandoned work spills into the next measurement) without counting it.
     """
-    import httpx
-
     async with contextlib.AsyncExitStack() as stack:
-        # One client (one keep-alive connection) per simulated user: with one shared httpx pool of 64 connections
-        # the load generator spent ~7 ms of CPU per request and capped the load near 100 requests/s.
-        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=one, timeout=120))
-                   for _ in range(concurrency)]
-        probe = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))  # for /metrics
+        clients, probe = await common.open_clients(stack, url, concurrency, timeout=120, probe_timeout=30)
         # The clock starts once the clients exist: creating 64 of them takes a good part of a second.
         window_start = time.perf_counter() + warmup
         window = (window_start, window_start + duration)
@@ -148,9 +98,9 @@ async def client_loop(client, texts: list[str], first: int, step: int, stop_at: 
 async def edges(probe, window: tuple[float, float], service_pid: int) -> tuple[dict, dict]:
     """Snapshots at the start and end of the window (for CPU use and batch statistics)."""
     await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
-    first = await snapshot(probe, service_pid)
+    first = await common.snapshot(probe, service_pid, BATCH_HISTOGRAM)
     await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
-    return first, await snapshot(probe, service_pid)
+    return first, await common.snapshot(probe, service_pid, BATCH_HISTOGRAM)
 
 
 def summarize(done: list[tuple], window: tuple[float, float], first: dict, last: dict) -> dict:
@@ -160,10 +110,7 @@ def summarize(done: list[tuple], window: tuple[float, float], first: dict, last:
     latencies = sorted(d[1] * 1000 for d in ok)
     # The snapshots can be a little late (a busy event loop); CPU is divided by what finished between them.
     between = sum(1 for d in done if first["t"] <= d[0] <= last["t"] and d[2] == 200)
-    elapsed = last["t"] - first["t"]
     service_cpu = last["service_cpu"] - first["service_cpu"]
-    batches = last.get("reward_batch_size_count", 0) - first.get("reward_batch_size_count", 0)
-    batched = last.get("reward_batch_size_sum", 0) - first.get("reward_batch_size_sum", 0)
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     return {
         "texts_per_s": rounded(len(ok) / (window[1] - window[0]), 1),
@@ -171,23 +118,17 @@ def summarize(done: list[tuple], window: tuple[float, float], first: dict, last:
         "p99_ms": rounded(percentile(latencies, 0.99)),
         "requests": len(ok),
         "errors": len(inside) - len(ok),
-        "mean_batch_size": rounded(batched / batches) if batches else float("nan"),
+        "mean_batch_size": common.mean_batch_size(first, last, BATCH_HISTOGRAM),
         "mean_inference_ms": rounded(mean([d[3] for d in ok])),  # time inside the batch's forward, per request
         "mean_queue_ms": rounded(mean([d[4] for d in ok])),  # time waiting for a batch to start
         "service_cpu_ms_per_text": rounded(service_cpu * 1000 / between) if between else float("nan"),
-        "service_cpu_cores": rounded(service_cpu / elapsed),
-        "loadgen_cpu_cores": rounded((last["loadgen_cpu"] - first["loadgen_cpu"]) / elapsed),
+        **common.cpu_cores(first, last),
     }
 
 
 def loadgen_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="reward.py _loadgen")
-    p.add_argument("--url", required=True)
+    p = common.loadgen_parser("reward.py")
     p.add_argument("--texts", required=True, type=Path, help="JSON list of texts")
-    p.add_argument("--concurrency", type=int, required=True)
-    p.add_argument("--warmup", type=float, required=True)
-    p.add_argument("--duration", type=float, required=True)
-    p.add_argument("--service-pid", type=int, required=True)
     a = p.parse_args(argv)
     texts = json.loads(a.texts.read_text())
     result = asyncio.run(closed_loop(a.url, texts, a.concurrency, a.warmup, a.duration, a.service_pid))
@@ -196,107 +137,32 @@ def loadgen_main(argv: list[str]) -> None:
 
 # -- the service under test -----------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rlhf_command() -> list[str]:
-    script = Path(sys.executable).parent / "rlhf"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}:\n{tail(log_path)}")
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
-        except httpx.HTTPError:  # not listening yet
-            r = None
-        if r is not None and r.status_code == 200:
-            return
-        if r is not None and "failed to load" in r.text:  # the service stays up without its model: stop waiting
-            raise RuntimeError(f"service could not load the model: {r.text}\n{tail(log_path)}")
-        time.sleep(0.25)
-    raise RuntimeError(f"service not ready after {timeout:.0f} s:\n{tail(log_path)}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time; only this one process, by its pid."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def running_service(model_dir: Path, work: Path, tag: str, *, threads: int, dtype: str, max_batch_size: int,
-                    max_wait_ms: float, log_level: str):
-    """The reward service in a subprocess, ready to serve; always stopped on the way out."""
-    import yaml
-
-    port = free_port()
-    config = work / f"{tag}.yaml"
+def reward_service(model_dir: Path, work: Path, tag: str, *, threads: int, dtype: str, max_batch_size: int,
+                   max_wait_ms: float, log_level: str):
+    """The reward service serving `model_dir` in a subprocess (see common.running_service)."""
     # dtype is per model, so it can only be set in a config file; the rest goes on the command line.
-    config.write_text(yaml.safe_dump({
+    config = {
         "models": [{"name": MODEL_NAME, "source": str(model_dir), "dtype": dtype}],
         "device": "cpu",
         "log_level": log_level,  # "info" would add an access-log line per request to what is measured
-    }))
-    cmd = [*rlhf_command(), "reward", "serve", "--config", str(config), "--port", str(port),
-           "--torch-threads", str(threads), "--max-batch-size", str(max_batch_size), "--max-wait-ms",
-           str(max_wait_ms)]
-    log_path = work / f"{tag}.log"
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=child_env(threads))
-    try:
-        wait_ready(url, proc, log_path)
-        yield url, proc
-        if proc.poll() is not None:
-            raise RuntimeError(f"service died during the run:\n{tail(log_path)}")
-    finally:
-        stop(proc)
-
-
-def child_env(threads: int) -> dict[str, str]:
-    # The service pins torch threads itself; the OpenMP variable also keeps its import from spawning one per core.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+    }
+    flags = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
+    return common.running_service("reward", config, flags, work, tag, threads=threads, stop_timeout=15)
 
 
 def run_load(url: str, service_pid: int, texts_file: Path, concurrency: int, warmup: float,
              duration: float) -> dict:
-    """One closed-loop measurement, generated by a separate process so it does not share the service's GIL."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_loadgen", "--url", url, "--texts", str(texts_file),
-           "--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(duration),
-           "--service-pid", str(service_pid)]
-    # subprocess.run kills the child if it times out or this process is interrupted.
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, timeout=warmup + duration + 300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+    """One closed-loop measurement by the load generator process (see common.run_loadgen)."""
+    options = {"url": url, "texts": texts_file, "concurrency": concurrency, "warmup": warmup,
+               "duration": duration, "service_pid": service_pid}
+    return common.run_loadgen(__file__, options, timeout=warmup + duration + 300)
 
 
 def measure_service(model_dir: Path, work: Path, texts_file: Path, args, batch_size: int) -> dict:
     tag = f"{model_dir.name}-b{batch_size}"
     results = {}
-    with running_service(model_dir, work, tag, threads=args.threads, dtype=args.dtype, max_batch_size=batch_size,
-                         max_wait_ms=args.max_wait_ms, log_level=args.service_log_level) as (url, proc):
+    with reward_service(model_dir, work, tag, threads=args.threads, dtype=args.dtype, max_batch_size=batch_size,
+                        max_wait_ms=args.max_wait_ms, log_level=args.service_log_level) as (url, proc):
         for c in CONCURRENCIES:
             r = run_load(url, proc.pid, texts_file, c, args.warmup, args.duration)
             log(f"  max_batch_size={batch_size} concurrency={c}: {r['texts_per_s']} texts/s, p50 {r['p50_ms']} ms, "
@@ -358,17 +224,6 @@ def measure_forward(model_dir: Path, texts: list[str], dtype: str, budget_s: flo
 
 # -- models and texts -----------------------------------------------------------------------------------------------
 
-def tiny_dir(arg: str | None) -> Path:
-    """The tiny kit, built (about 2 minutes) if its sentiment model is missing."""
-    root = Path(arg or os.environ.get("RLHF_TINY_DIR") or REPO / ".cache" / "tiny")
-    if not (root / "tiny-sentiment").is_dir() or not (root / "corpus" / "heldout.jsonl").is_file():
-        from shared.tiny.build import build_tiny
-
-        log(f"building the tiny kit in {root} (about 2 minutes)")
-        build_tiny(root)
-    return root
-
-
 def build_base_model(tokenizer_dir: Path, out: Path) -> Path:
     """A DistilBERT-base-size classifier (default config: 6 layers, dim 768) with random weights.
 
@@ -386,11 +241,6 @@ def build_base_model(tokenizer_dir: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def read_texts(tiny: Path) -> list[str]:
-    lines = (tiny / "corpus" / "heldout.jsonl").read_text().splitlines()
-    return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
 def model_facts(model_dir: Path, texts: list[str]) -> dict:
@@ -452,66 +302,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="the service's batch size and the pipeline's")
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--service-log-level", default="warning", help="the service's log level (info logs each request)")
-    p.add_argument("--tiny-dir", default=None, help="tiny kit folder (default $RLHF_TINY_DIR or .cache/tiny)")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    common.add_output_options(p)
     args = p.parse_args(argv)
-    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = set(args.sizes) - {"tiny", "base"}
-    if unknown or not args.sizes:
-        p.error(f"--sizes takes tiny and/or base, got {args.sizes}")
+    args.sizes = common.split_sizes(p, args.sizes, ("tiny", "base"))
     return args
-
-
-def without_nan(x):
-    """NaN (a measurement with no samples) as null, so the output is strict JSON."""
-    if isinstance(x, dict):
-        return {k: without_nan(v) for k, v in x.items()}
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def code_version() -> dict:
-    """The commit measured and the tracked files changed since, so a number can be tied to the code behind it."""
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "changed": git("diff", "--name-only", "HEAD").splitlines()}
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    # Before torch is imported anywhere in this process: no hub, and no OpenMP pool wider than asked for.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from shared.runtime import configure_torch
-
-    configure_torch(args.threads)
-    # A SIGTERM must still run the `finally`s that stop the service.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    common.prepare_process(args.threads)
     started = time.perf_counter()
-    report = {"device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-              "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-              "duration_s": args.duration, "warmup_s": args.warmup, "load_avg_at_start": os.getloadavg()[0],
-              "code": code_version()}
+    settings = {"dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                "duration_s": args.duration, "warmup_s": args.warmup}
+    report = common.report_header(args.threads, settings)
+    report["code"] = common.code_version()
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-reward-"))
     try:
-        tiny = tiny_dir(args.tiny_dir)
-        texts = read_texts(tiny)
+        tiny = common.tiny_dir(args.tiny_dir, ("tiny-sentiment", "corpus/heldout.jsonl"))
+        texts = common.heldout_texts(tiny)
         texts_file = work / "texts.json"
         texts_file.write_text(json.dumps(texts))
         for size in args.sizes:
@@ -522,16 +330,8 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(work, ignore_errors=True)
     if "base" in report:
         report["targets_met"] = report["base"]["targets_met"]  # the issue's targets are about the base size
-    report["load_avg_at_end"] = os.getloadavg()[0]  # well above 1 + threads: something else shared the CPUs
-    report["wall_s"] = rounded(time.perf_counter() - started, 1)
-    line = json.dumps(without_nan(report))
-    if args.out:
-        args.out.write_text(json.dumps(without_nan(report), indent=2) + "\n")
-    print(line, flush=True)
+    common.print_report(report, started, args.out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
-        loadgen_main(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    common.main_or_loadgen(main, loadgen_main)
