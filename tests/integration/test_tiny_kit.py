@@ -77,3 +77,20 @@ def test_training_is_deterministic():
                             seed=3, dim=32).state_dict() for _ in range(2)]
     for a, b in (pol, clf):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizers_are_identical_across_processes(tmp_path):
+    """Hash ordering differs per process (PYTHONHASHSEED, Rust's hash maps): the kit must not depend on it."""
+    script = ("import sys; from shared.tiny.corpus import make_corpus; "
+              "from shared.tiny.vocab import train_bpe_tokenizer, train_wordpiece_tokenizer; "
+              "texts = [r.text for r in make_corpus(300, 9)]; "
+              "train_wordpiece_tokenizer(texts, 400, 128).save_pretrained(sys.argv[1] + '/wp'); "
+              "train_bpe_tokenizer(texts, 400, 128).save_pretrained(sys.argv[1] + '/bpe')")
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    for name in ("wp", "bpe"):
+        assert (tmp_path / "1" / name / "tokenizer.json").read_text() == \
+            (tmp_path / "2" / name / "tokenizer.json").read_text()
