@@ -68,7 +68,6 @@ class GeneratorMetrics:
 def build_router(settings: GeneratorSettings, store: CheckpointStore,
                  batcher: Batcher[GenerationItem, list[Completion]], metrics: GeneratorMetrics) -> APIRouter:
     router = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(bearer_guard(lambda: settings.api_key))])
-    limits = settings
 
     async def policy_for(checkpoint: str) -> LoadedPolicy:
         try:
@@ -83,30 +82,30 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
         return policy
 
     def check_limits(prompts: list[str], params: SamplingParams) -> None:
-        if len(prompts) > limits.max_prompts_per_request:
+        if len(prompts) > settings.max_prompts_per_request:
             raise ApiError(413, "payload_too_large", f"{len(prompts)} prompts in one request; the limit is "
-                           f"{limits.max_prompts_per_request}")
-        if params.max_new_tokens > limits.max_new_tokens_limit:
+                           f"{settings.max_prompts_per_request}")
+        if params.max_new_tokens > settings.max_new_tokens_limit:
             raise ApiError(422, "invalid_request", f"max_new_tokens {params.max_new_tokens} exceeds the limit "
-                           f"{limits.max_new_tokens_limit}")
-        if params.num_return_sequences > limits.max_num_return_sequences:
+                           f"{settings.max_new_tokens_limit}")
+        if params.num_return_sequences > settings.max_num_return_sequences:
             raise ApiError(422, "invalid_request", f"num_return_sequences {params.num_return_sequences} exceeds "
-                           f"the limit {limits.max_num_return_sequences}")
+                           f"the limit {settings.max_num_return_sequences}")
         if len(prompts) * params.num_return_sequences > settings.batching.max_queue_size:
             raise ApiError(413, "payload_too_large", "prompts x num_return_sequences exceeds the queue size "
                            f"{settings.batching.max_queue_size}")
         for i, prompt in enumerate(prompts):
-            if len(prompt) > 20 * limits.max_prompt_tokens:  # no tokenizer needed to refuse a novel
+            if len(prompt) > 20 * settings.max_prompt_tokens:  # no tokenizer needed to refuse a novel
                 raise ApiError(413, "payload_too_large", f"prompts[{i}] is far longer than "
-                               f"{limits.max_prompt_tokens} tokens")
+                               f"{settings.max_prompt_tokens} tokens")
 
     def prepare(policy: LoadedPolicy, prompts: list[str], params: SamplingParams) -> list[GenerationItem]:
         ids = tokenize_prompts(policy, prompts)
         request_id = new_request_id()
         for i, seq in enumerate(ids):
-            if len(seq) > limits.max_prompt_tokens:
+            if len(seq) > settings.max_prompt_tokens:
                 raise ApiError(413, "payload_too_large", f"prompts[{i}] has {len(seq)} tokens; the limit is "
-                               f"{limits.max_prompt_tokens}")
+                               f"{settings.max_prompt_tokens}")
             if len(seq) + params.max_new_tokens > policy.max_positions:
                 raise ApiError(422, "invalid_request", f"prompts[{i}] ({len(seq)} tokens) + max_new_tokens "
                                f"{params.max_new_tokens} exceeds the model's context of {policy.max_positions}")

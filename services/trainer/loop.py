@@ -7,7 +7,6 @@ comes from `reward_fn` (the reward service in production, a fake in tests).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler
 from services.trainer.policy import (
     PolicyWithValueHead,
+    position_ids,
     response_entropy,
     response_logprobs,
     response_mask,
@@ -206,8 +206,7 @@ class PPOTrainer:
 
     @torch.no_grad()
     def reference_forward(self, rollouts: Rollouts) -> torch.Tensor:
-        from services.trainer.policy import position_ids
-
+        """Log-probs of the sampled responses under the frozen reference, (B, R)."""
         q = rollouts.queries.shape[1]
         out = []
         for sl in self._slices(len(rollouts)):
@@ -317,6 +316,3 @@ class PPOTrainer:
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
-
-def is_finite_stats(stats: dict[str, float]) -> bool:
-    return all(math.isfinite(v) or k == "ppo/val/explained_variance" for k, v in stats.items())
