@@ -5,7 +5,7 @@ RLHF_TINY_DIR ?= .cache/tiny
 BIN := $(VENV)/bin
 export RLHF_TINY_DIR
 
-.PHONY: venv test lint tiny serve serve-generator train bench-reward bench-generator bench-ppo clean
+.PHONY: venv test lint tiny demo serve serve-generator train bench-reward bench-generator bench-ppo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ tiny: venv
 
 serve: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf reward serve --model $(RLHF_TINY_DIR)/tiny-sentiment --port 8000
+
+# The whole system as local processes on the tiny preset, with the report at the end (runs/tiny/report.md).
+demo: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf up --preset tiny
 
 # The tiny preset end to end: a reward service in the background, PPO in the foreground, the service stopped after.
 train: tiny

@@ -27,6 +27,27 @@ app.add_typer(trainer_app, name="trainer")
 app.command("train")(train_command)
 
 
+@app.command("up")
+def up_command(
+    preset: Annotated[str, typer.Option(help="tiny (offline, CPU, minutes) or imdb (hub models).")] = "tiny",
+    runs: Annotated[Path, typer.Option(help="Checkpoint root shared by trainer and generator.")] = Path("runs"),
+    logs: Annotated[Path, typer.Option(help="One log per service.")] = Path("runs/logs"),
+    reward_port: Annotated[int, typer.Option(help="Reward service port.")] = 8000,
+    generator_port: Annotated[int, typer.Option(help="Generator service port.")] = 8001,
+    trainer_port: Annotated[int, typer.Option(help="Trainer service port.")] = 8002,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Trainer config override (repeatable).")] = None,
+) -> None:
+    """The whole system as local processes: reward, generator and trainer; a report when training ends."""
+    from services.launcher import presets, up
+
+    if preset not in presets(Path(".")):
+        typer.echo(f"error: unknown preset {preset!r}; choose tiny or imdb", err=True)
+        raise typer.Exit(2)
+    code = up(preset, runs.resolve(), logs.resolve(), (reward_port, generator_port, trainer_port), overrides or [],
+              echo=lambda line: typer.echo(line, err=line.startswith("error")))
+    raise typer.Exit(code)
+
+
 @models_app.command("build-tiny")
 def build_tiny(
     out: Annotated[Path, typer.Option(help="Folder for the kit (reused when already built).")] = Path(".cache/tiny"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -17,6 +18,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler, load_texts, make_prompts
 from services.trainer.loop import PPOTrainer
 from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_policy_and_tokenizer
+from services.trainer.report import EVAL_PROMPTS
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
 from shared.runtime import configure_torch
@@ -72,6 +74,9 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     policy = PolicyWithValueHead(base, config.model.value_head_hidden)
 
     train_prompts, eval_set = _prompts(config, prompts, eval_prompts)
+    if main:  # the end-of-run report continues these prompts with the base and the trained policy
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / EVAL_PROMPTS).write_text(json.dumps(eval_set, indent=1))
     sampler = PromptSampler(train_prompts, t.seed + accelerator.process_index)
     if reward_fn is None:
         status.state = "waiting_for_reward"

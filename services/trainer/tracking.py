@@ -19,9 +19,9 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = True):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
+        if self.path.exists():  # a run from scratch (resume_step 0) starts an empty log
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if resume_step and line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.history: list[dict] = [json.loads(line) for line in self.path.read_text().splitlines()] \
             if self.path.exists() else []

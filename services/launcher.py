@@ -1,0 +1,192 @@
+"""`rlhf up`: the whole system as local processes (reward, generator, trainer) on loopback, no Docker needed.
+
+Each service runs in its own session with its own log; the launcher waits for each to be ready, watches all of
+them, writes the run report when training ends, and stops every process it started on the way out: on success, on
+Ctrl-C, and when any service dies (then with a clear message and a non-zero exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Preset:
+    reward_model: str
+    reward_label: str
+    policy: str
+    config: Path
+    needs_tiny_kit: bool
+
+
+def presets(tiny_dir: Path) -> dict[str, Preset]:
+    return {
+        "tiny": Preset(str(tiny_dir / "tiny-sentiment"), "POSITIVE", str(tiny_dir / "tiny-gpt2"),
+                       ROOT / "configs" / "tiny.yaml", needs_tiny_kit=True),
+        "imdb": Preset("lvwerra/distilbert-imdb", "POSITIVE", "lvwerra/gpt2-imdb",
+                       ROOT / "configs" / "ppo_sentiments.yaml", needs_tiny_kit=False),
+    }
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    port: int
+    ready_path: str
+    log: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Supervisor:
+    """Starts, watches and stops the services; every child leads its own process group."""
+
+    log_dir: Path
+    services: list[Service] = field(default_factory=list)
+
+    def start(self, service: Service) -> Service:
+        service.log.parent.mkdir(parents=True, exist_ok=True)
+        with service.log.open("ab") as log:
+            service.process = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.services.append(service)
+        (self.log_dir / "pids.json").write_text(json.dumps({s.name: s.process.pid for s in self.services}))
+        return service
+
+    def check_alive(self, allow_exit: str | None = None) -> None:
+        for s in self.services:
+            code = s.process.poll()
+            if code is not None and s.name != allow_exit:
+                raise LaunchError(f"the {s.name} service exited unexpectedly (code {code}); see {s.log}\n"
+                                  f"{_tail(s.log)}")
+
+    def wait_ready(self, service: Service, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if httpx.get(service.url + service.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise LaunchError(f"the {service.name} service was not ready after {timeout:.0f} s; see {service.log}")
+
+    def stop_all(self, grace: float = 20.0) -> None:
+        """SIGTERM every process group (trainer first: it saves), then SIGKILL whatever is left after `grace`."""
+        for s in reversed(self.services):
+            _signal_group(s.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for s in reversed(self.services):
+            try:
+                s.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(s.process, signal.SIGKILL)  # the group too: no grandchild outlives the launcher
+            s.process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _rlhf(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def up(preset_name: str, runs: Path, log_dir: Path, ports: tuple[int, int, int], overrides: list[str],
+       ready_timeout: float = 600.0, echo=print) -> int:
+    """Run the preset end to end; returns the process exit code (0: trained and reported)."""
+    from services.trainer.config import load_config
+    from services.trainer.data import tiny_kit_dir
+
+    preset = presets(tiny_kit_dir())[preset_name]
+    if preset.needs_tiny_kit and not (tiny_kit_dir() / "report.json").exists():
+        from shared.tiny.build import build_tiny
+
+        echo(f"building the tiny kit in {tiny_kit_dir()} (about 2 minutes, once)")
+        build_tiny(tiny_kit_dir())
+    reward_port, generator_port, trainer_port = ports
+    sets = [f"reward.url=http://127.0.0.1:{reward_port}", f"train.checkpoint_dir={runs}", *overrides]
+    config = load_config(preset.config, sets)  # fails here, before anything starts, if the config is wrong
+    log_dir.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(log_dir)
+    stop_reason: list[str] = []
+
+    def on_signal(signum, _frame) -> None:
+        stop_reason.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        reward = supervisor.start(Service(
+            "reward", _rlhf("reward", "serve", "--model", preset.reward_model, "--label", preset.reward_label,
+                            "--port", str(reward_port), "--log-level", "warning"), reward_port, "/readyz",
+            log_dir / "reward.log"))
+        generator = supervisor.start(Service(
+            "generator", _rlhf("generator", "serve", "--model", preset.policy, "--checkpoints", str(runs),
+                               "--port", str(generator_port), "--log-level", "warning"), generator_port, "/readyz",
+            log_dir / "generator.log"))
+        for service in (reward, generator):
+            supervisor.wait_ready(service, ready_timeout)
+            echo(f"{service.name} ready at {service.url} (log: {service.log})")
+        trainer = supervisor.start(Service(
+            "trainer", _rlhf("trainer", "serve", "--config", str(preset.config), "--port", str(trainer_port),
+                             "--exit-when-done", *[a for s in sets for a in ("--set", s)]),
+            trainer_port, "/healthz", log_dir / "trainer.log"))
+        supervisor.wait_ready(trainer, ready_timeout)
+        echo(f"trainer running at {trainer.url}/v1/status (log: {trainer.log})")
+        while trainer.process.poll() is None:
+            supervisor.check_alive(allow_exit="trainer")
+            time.sleep(0.5)
+        supervisor.check_alive(allow_exit="trainer")
+        if trainer.process.returncode != 0:
+            raise LaunchError(f"training failed (exit code {trainer.process.returncode}); see {trainer.log}\n"
+                              f"{_tail(trainer.log)}")
+        from services.trainer.report import write_report
+        from shared.clients import GeneratorClient, RewardClient
+
+        with RewardClient(reward.url) as r, GeneratorClient(generator.url) as g:
+            report = write_report(config.run_dir, r, g)
+        echo(f"training finished; report: {report} and {report.with_suffix('.png')}")
+        return 0
+    except LaunchError as exc:
+        echo(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        echo(f"stopping on {stop_reason[0] if stop_reason else 'interrupt'}: the trainer saves a checkpoint first")
+        return 130
+    finally:
+        supervisor.stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

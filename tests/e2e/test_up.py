@@ -1,0 +1,104 @@
+"""`rlhf up --preset tiny`: the three services as local processes, a report at the end, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def launch(tiny_kit: Path, tmp_path: Path, *sets: str) -> tuple[subprocess.Popen, Path, list[int]]:
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "services.cli", "up", "--preset", "tiny", "--runs", str(tmp_path / "runs"),
+           "--logs", str(tmp_path / "logs"), "--reward-port", str(ports[0]), "--generator-port", str(ports[1]),
+           "--trainer-port", str(ports[2]), "--set", "train.tensorboard=false",
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RLHF_TINY_DIR": str(tiny_kit)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, tmp_path / "logs", ports
+
+
+def service_pids(logs: Path, names=("reward", "generator", "trainer"), timeout: float = 120) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (logs / "pids.json").exists():
+            pids = json.loads((logs / "pids.json").read_text())
+            if set(names) <= set(pids):
+                return pids
+        time.sleep(0.2)
+    raise AssertionError("the launcher did not start every service")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_trains_reports_and_cleans_up(tiny_kit, tmp_path):
+    proc, logs, _ = launch(tiny_kit, tmp_path, "train.total_steps=8", "train.eval_interval=4")
+    pids = service_pids(logs)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "training finished" in out
+    run = tmp_path / "runs" / "tiny"
+    report = (run / "report.md").read_text()
+    assert "tiny/step-8" in report  # the trained checkpoint, served by the generator for the table
+    assert "| eval reward (mean) |" in report and "## Base vs trained" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and line.count("|") == 6]
+    assert len(rows) >= 1 + 8  # header + one row per example prompt
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("reward", "generator", "trainer"):
+        assert (logs / f"{name}.log").exists()
+    assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+@pytest.mark.parametrize("victim", ["reward", "generator", "trainer"])
+def test_killing_any_service_stops_the_launcher_with_a_clear_message(tiny_kit, tmp_path, victim):
+    proc, logs, ports = launch(tiny_kit, tmp_path, "train.total_steps=500")
+    pids = service_pids(logs)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until training is really under way
+        try:
+            if httpx.get(f"http://127.0.0.1:{ports[2]}/v1/status", timeout=2).json()["step"] >= 1:
+                break
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    os.kill(pids[victim], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    expected = "training failed" if victim == "trainer" else f"the {victim} service exited unexpectedly"
+    assert expected in err
+    assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+def test_ctrl_c_saves_and_stops_everything(tiny_kit, tmp_path):
+    proc, logs, ports = launch(tiny_kit, tmp_path, "train.total_steps=500", "train.checkpoint_interval=1000")
+    pids = service_pids(logs)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{ports[2]}/v1/status", timeout=2).json()["step"] >= 2:
+                break
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopping on SIGINT" in out
+    assert list((tmp_path / "runs" / "tiny").glob("step-*/model.safetensors"))  # the trainer saved on the way out
+    assert not [name for name, pid in pids.items() if alive(pid)]
