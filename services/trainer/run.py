@@ -18,7 +18,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler, load_texts, make_prompts
 from services.trainer.loop import PPOTrainer
 from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_policy_and_tokenizer
-from services.trainer.report import EVAL_PROMPTS
+from services.trainer.report import EVAL_PROMPTS, write_report
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
 from shared.runtime import configure_torch
@@ -126,11 +126,27 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
                 status.state = "stopped"
                 return
         status.state = "finished"
+        if main and config.generator.url:
+            _report(config)
     finally:
         if progress:
             progress.close()
         if metrics:
             metrics.close()
+
+
+def _report(config: TrainerConfig) -> None:
+    """The end-of-run report, through the generator and reward services; a failure here costs no training."""
+    from shared.clients import GeneratorClient, RetryPolicy, RewardClient
+
+    retry = RetryPolicy(max_retries=3)
+    try:
+        with RewardClient(config.reward.url, model=config.reward.model, api_key=config.reward.api_key,
+                          retry=retry) as reward, GeneratorClient(config.generator.url, retry=retry) as generator:
+            path = write_report(config.run_dir, reward, generator)
+        log.info("report written to %s", path)
+    except Exception as exc:  # noqa: BLE001
+        log.error("could not write the report: %s", exc)
 
 
 def _progress(main: bool, status: TrainingStatus):
