@@ -40,6 +40,18 @@ def service_pids(logs: Path, names=("reward", "generator", "trainer"), timeout: 
     raise AssertionError("the launcher did not start every service")
 
 
+def wait_for_step(trainer_port: int, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{trainer_port}/v1/status", timeout=2).json()["step"] >= step:
+                return
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the trainer did not reach step {step}")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -70,14 +82,7 @@ def test_up_trains_reports_and_cleans_up(tiny_kit, tmp_path):
 def test_killing_any_service_stops_the_launcher_with_a_clear_message(tiny_kit, tmp_path, victim):
     proc, logs, ports = launch(tiny_kit, tmp_path, "train.total_steps=500")
     pids = service_pids(logs)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until training is really under way
-        try:
-            if httpx.get(f"http://127.0.0.1:{ports[2]}/v1/status", timeout=2).json()["step"] >= 1:
-                break
-        except (httpx.TransportError, ValueError, KeyError):
-            pass
-        time.sleep(0.3)
+    wait_for_step(ports[2], 1)  # training is really under way
     os.kill(pids[victim], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
@@ -89,14 +94,7 @@ def test_killing_any_service_stops_the_launcher_with_a_clear_message(tiny_kit, t
 def test_ctrl_c_saves_and_stops_everything(tiny_kit, tmp_path):
     proc, logs, ports = launch(tiny_kit, tmp_path, "train.total_steps=500", "train.checkpoint_interval=1000")
     pids = service_pids(logs)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{ports[2]}/v1/status", timeout=2).json()["step"] >= 2:
-                break
-        except (httpx.TransportError, ValueError, KeyError):
-            pass
-        time.sleep(0.3)
+    wait_for_step(ports[2], 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopping on SIGINT" in out
