@@ -14,6 +14,7 @@ from services.reward.cli import app as reward_app
 from services.reward.cli import score_command
 from services.trainer.cli import app as trainer_app
 from services.trainer.cli import train_command
+from services.trainer.data_cli import app as data_app
 
 app = typer.Typer(help="RLHF as services: reward, generator and PPO trainer.", no_args_is_help=True)
 models_app = typer.Typer(help="Model kits.", no_args_is_help=True)
@@ -25,6 +26,7 @@ app.command("score")(score_command)
 app.command("generate")(generate_command)
 app.add_typer(trainer_app, name="trainer")
 app.command("train")(train_command)
+app.add_typer(data_app, name="data")
 
 
 @app.command("up")

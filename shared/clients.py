@@ -178,26 +178,26 @@ def _checked_scores(body: Any, expected: int) -> list[float]:
     return [float(s) for s in scores]
 
 
-def _payload(texts: list[str], model: str | None) -> dict:
-    return {"texts": texts, **({"model": model} if model else {})}
+def _payload(texts: list[str], model: str | None, label: str | None = None) -> dict:
+    return {"texts": texts, **({"model": model} if model else {}), **({"label": label} if label else {})}
 
 
 class RewardClient(_ClosesOnExit):
     """Blocking client of the reward service. Long lists are split into `chunk_size` requests."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(), chunk_size: int = 256,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, label: str | None = None,
+                 api_key: str | None = None, timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 chunk_size: int = 256, transport: httpx.BaseTransport | None = None):
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.label, self.chunk_size = model, label, chunk_size
         self.http = HttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="reward service",
                                    transport=transport)
 
     def score(self, texts: Sequence[str], model: str | None = None) -> list[float]:
         out: list[float] = []
         for chunk in _chunks(texts, self.chunk_size):
-            body = self.http.request("POST", "/v1/score", _payload(chunk, model or self.model))
+            body = self.http.request("POST", "/v1/score", _payload(chunk, model or self.model, self.label))
             out += _checked_scores(body, len(chunk))
         return out
 
@@ -214,19 +214,20 @@ class RewardClient(_ClosesOnExit):
 class AsyncRewardClient(_AsyncClosesOnExit):
     """Non-blocking client of the reward service; chunks go out concurrently, at most `max_concurrency` at once."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(), chunk_size: int = 256,
-                 max_concurrency: int = 4, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, label: str | None = None,
+                 api_key: str | None = None, timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 chunk_size: int = 256, max_concurrency: int = 4, transport: httpx.AsyncBaseTransport | None = None):
         if chunk_size < 1 or max_concurrency < 1:
             raise ValueError("chunk_size and max_concurrency must be >= 1")
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.label, self.chunk_size = model, label, chunk_size
         self._limit = asyncio.Semaphore(max_concurrency)
         self.http = AsyncHttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="reward service",
                                         transport=transport)
 
     async def _post(self, path: str, chunk: list[str], model: str | None) -> Any:
         async with self._limit:
-            return await self.http.request("POST", path, _payload(chunk, model or self.model))
+            label = self.label if path == "/v1/score" else None
+            return await self.http.request("POST", path, _payload(chunk, model or self.model, label))
 
     async def score(self, texts: Sequence[str], model: str | None = None) -> list[float]:
         chunks = _chunks(texts, self.chunk_size)

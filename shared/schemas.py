@@ -30,6 +30,8 @@ class ScoreRequest(BaseModel):
 
     texts: list[StrictStr] = Field(description="Texts to score; each non-empty.", min_length=1)
     model: StrictStr | None = Field(None, description="Model name; the default model when omitted.")
+    label: StrictStr | None = Field(
+        None, description="Score this label (by name) instead of the model's reward label, e.g. NEGATIVE.")
     truncate: bool | None = Field(
         None, description="Cut texts longer than the model's max_length (server default when omitted); when false "
         "such a text is rejected with 413.")

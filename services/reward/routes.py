@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Path, Response
 
 from services.reward.registry import DefaultModelError, ModelHandle, ModelRegistry, UnknownModelError
-from services.reward.scorer import TextTooLongError
+from services.reward.scorer import TextTooLongError, resolve_label
 from services.reward.settings import RewardSettings
 from shared.batching import BatcherClosedError, BatchTimeoutError, QueueFullError, Timing
 from shared.modeling import ModelLoadError
@@ -92,10 +92,16 @@ def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter
     async def score(req: ScoreRequest, response: Response) -> ScoreResponse:
         """The reward: one score per text, in order, for the model's reward label."""
         handle, logits = await run(req, response)
-        scores = handle.scorer.scores(logits)
+        label_index = None
+        if req.label is not None:
+            try:
+                label_index = resolve_label(handle.scorer.id2label, req.label)
+            except ModelLoadError as exc:
+                raise ApiError(422, "invalid_request", str(exc)) from None
+        scores = handle.scorer.scores(logits, label_index)
         assert len(scores) == len(req.texts)
-        return ScoreResponse(model=handle.name, label=handle.scorer.label, score_kind=handle.scorer.spec.score,
-                             scores=scores)
+        label = handle.scorer.label if label_index is None else handle.scorer.id2label[label_index]
+        return ScoreResponse(model=handle.name, label=label, score_kind=handle.scorer.spec.score, scores=scores)
 
     @router.post("/classify", response_model=ClassifyResponse, dependencies=[user])
     async def classify(req: ScoreRequest, response: Response) -> ClassifyResponse:

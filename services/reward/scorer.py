@@ -96,8 +96,9 @@ class Scorer:
         x = torch.tensor(logits, dtype=torch.float32)
         return x.sigmoid() if self.multi_label else x.softmax(-1)
 
-    def scores(self, logits: list[list[float]]) -> list[float]:
-        """The reward label's probability or logit for each text."""
+    def scores(self, logits: list[list[float]], label_index: int | None = None) -> list[float]:
+        """The reward label's (or `label_index`'s) probability or logit for each text."""
+        index = self.label_index if label_index is None else label_index
         if self.spec.score == "logit":
-            return [row[self.label_index] for row in logits]
-        return self.probabilities(logits)[:, self.label_index].tolist()
+            return [row[index] for row in logits]
+        return self.probabilities(logits)[:, index].tolist()

@@ -87,6 +87,8 @@ class MethodConfig(_Section):
 class RewardConfig(_Section):
     url: str = Field("http://127.0.0.1:8000", description="Reward service base URL.")
     model: str | None = Field(None, description="Reward service model name; its default when None.")
+    label: str | None = Field(None, description="Score this label (by name), e.g. NEGATIVE; None: the model's "
+                              "configured reward label.")
     api_key: str | None = Field(None, description="Bearer key of the reward service.")
     timeout_s: float = Field(60.0, gt=0, description="Per request.")
     max_retries: int = Field(8, ge=0, description="Retries per request (backoff with jitter).")

@@ -21,28 +21,33 @@ def tiny_kit_dir() -> Path:
     return Path(os.environ.get("RLHF_TINY_DIR", ".cache/tiny"))
 
 
-def _load_files(files: list[Path], column: str) -> list[str]:
+Rows = list[dict]
+
+
+def _load_files(files: list[Path]) -> Rows:
     import datasets
 
     kinds = {_SUFFIXES[f.suffix.lower()] for f in files}
     if len(kinds) != 1:
         raise DataError(f"mixed file types: {sorted(f.name for f in files)}")
-    ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
-    if column not in ds.column_names:
-        raise DataError(f"no column {column!r} in {files[0]} (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+    return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train").to_list()
 
 
-def load_texts(source: str, column: str = "text", split: str = "train", eval_split: str = "test") -> tuple[
-        list[str], list[str]]:
-    """(train texts, eval texts) from `imdb`, `tiny`, a data file, or a folder of them."""
+def _split_tail(rows: Rows) -> tuple[Rows, Rows]:
+    """A file without splits: the last tenth is held out."""
+    cut = max(1, len(rows) // 10)
+    return rows[:-cut] or rows, rows[-cut:]
+
+
+def load_splits(source: str, split: str = "train", eval_split: str = "test") -> tuple[Rows, Rows]:
+    """(train rows, held-out rows) from `imdb`, `tiny`, a data file, or a folder of them; a row maps columns."""
     if source == "tiny":
         corpus = tiny_kit_dir() / "corpus"
         if not corpus.is_dir():
             raise DataError(f"the tiny corpus is missing at {corpus}: run `rlhf models build-tiny --out "
                             f"{tiny_kit_dir()}` (or set RLHF_TINY_DIR)")
-        return ([r.text for r in read_jsonl(corpus / "train.jsonl")],
-                [r.text for r in read_jsonl(corpus / "heldout.jsonl")])
+        return ([vars(r) for r in read_jsonl(corpus / "train.jsonl")],
+                [vars(r) for r in read_jsonl(corpus / "heldout.jsonl")])
     if source == "imdb":
         import datasets
 
@@ -51,14 +56,12 @@ def load_texts(source: str, column: str = "text", split: str = "train", eval_spl
         except Exception as exc:  # noqa: BLE001 - offline or hub error: say what to do instead
             raise DataError(f"cannot load IMDB from the hub ({type(exc).__name__}); use data.source=tiny or a "
                             "local file") from None
-        return ds[split][column], ds[eval_split][column]
+        return ds[split].to_list(), ds[eval_split].to_list()
     path = Path(source)
     if path.is_file():
         if path.suffix.lower() not in _SUFFIXES:
             raise DataError(f"{path}: unsupported file type (use .csv, .jsonl, .json or .parquet)")
-        texts = _load_files([path], column)
-        cut = max(1, len(texts) // 10)
-        return texts[:-cut] or texts, texts[-cut:]
+        return _split_tail(_load_files([path]))
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in _SUFFIXES)
         if not files:
@@ -66,11 +69,44 @@ def load_texts(source: str, column: str = "text", split: str = "train", eval_spl
         held = [f for f in files if re.search(r"heldout|test|eval|valid", f.stem)]
         train = [f for f in files if f not in held]
         if train and held:
-            return _load_files(train, column), _load_files(held, column)
-        texts = _load_files(files, column)
-        cut = max(1, len(texts) // 10)
-        return texts[:-cut] or texts, texts[-cut:]
+            return _load_files(train), _load_files(held)
+        return _split_tail(_load_files(files))
     raise DataError(f"data source {source!r} is not imdb, tiny, or an existing file or folder")
+
+
+def column_values(rows: Rows, name: str, source: str) -> list:
+    if rows and name not in rows[0]:
+        raise DataError(f"no column {name!r} in {source} (columns: {', '.join(rows[0])})")
+    return [row[name] for row in rows]
+
+
+def load_texts(source: str, column: str = "text", split: str = "train", eval_split: str = "test") -> tuple[
+        list[str], list[str]]:
+    """(train texts, eval texts): the non-empty strings of `column`."""
+    def texts(rows: Rows) -> list[str]:
+        return [t for t in column_values(rows, column, source) if isinstance(t, str) and t.strip()]
+
+    train, held = load_splits(source, split, eval_split)
+    return texts(train), texts(held)
+
+
+def label_name(value) -> str:
+    """IMDB-style integer labels (0 negative, 1 positive) or label strings, as lower-case names."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return str(value)
+    if isinstance(value, int):
+        return {0: "negative", 1: "positive"}.get(value, str(value))
+    return value.strip().lower()
+
+
+def label_counts(source: str, label_column: str = "label", split: str = "train",
+                 eval_split: str = "test") -> dict[str, dict[str, int]]:
+    """Rows per label, for each split: {"train": {"positive": n, ...}, "heldout": {...}}."""
+    from collections import Counter
+
+    train, held = load_splits(source, split, eval_split)
+    return {name: dict(sorted(Counter(label_name(v) for v in column_values(rows, label_column, source)).items()))
+            for name, rows in (("train", train), ("heldout", held))}
 
 
 def first_words(text: str, k: int) -> str:

@@ -141,8 +141,9 @@ def _report(config: TrainerConfig) -> None:
 
     retry = RetryPolicy(max_retries=3)
     try:
-        with RewardClient(config.reward.url, model=config.reward.model, api_key=config.reward.api_key,
-                          retry=retry) as reward, GeneratorClient(config.generator.url, retry=retry) as generator:
+        with RewardClient(config.reward.url, model=config.reward.model, label=config.reward.label,
+                          api_key=config.reward.api_key, retry=retry) as reward, \
+                GeneratorClient(config.generator.url, retry=retry) as generator:
             path = write_report(config.run_dir, reward, generator)
         log.info("report written to %s", path)
     except Exception as exc:  # noqa: BLE001

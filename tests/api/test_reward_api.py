@@ -179,3 +179,15 @@ def test_operational_routes(server):
     assert 'route="/v1/score",status="200"' in metrics
     assert "/v1/score" in httpx.get(server.url + "/openapi.json").json()["paths"]
     assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_a_request_may_score_another_label_by_name(server):
+    texts = ["The acting was superb. Highly recommended.", "A waste of two hours. Avoid it."]
+    positive = score(server.url, texts).json()["scores"]
+    negative = score(server.url, texts, label="NEGATIVE").json()
+    assert negative["label"] == "NEGATIVE"
+    assert negative["scores"] == pytest.approx([1 - p for p in positive], abs=1e-5)
+    neutral = score(server.url, texts, model="three", label="NEUTRAL").json()  # case-insensitive match
+    assert neutral["label"] == "neutral" and len(neutral["scores"]) == 2
+    bad = score(server.url, texts, label="JOY")
+    assert bad.status_code == 422 and "JOY" in bad.json()["error"]["message"]
