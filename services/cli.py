@@ -13,7 +13,7 @@ from services.generator.cli import generate_command
 from services.reward.cli import app as reward_app
 from services.reward.cli import score_command
 from services.trainer.cli import app as trainer_app
-from services.trainer.cli import train_command
+from services.trainer.cli import best_string_command, compare_command, train_command
 from services.trainer.data_cli import app as data_app
 
 app = typer.Typer(help="RLHF as services: reward, generator and PPO trainer.", no_args_is_help=True)
@@ -27,6 +27,8 @@ app.command("generate")(generate_command)
 app.add_typer(trainer_app, name="trainer")
 app.command("train")(train_command)
 app.add_typer(data_app, name="data")
+app.command("compare")(compare_command)
+app.command("best-string")(best_string_command)
 
 
 @app.command("up")

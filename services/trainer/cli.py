@@ -93,3 +93,86 @@ def serve(
     asyncio.run(serve_until_done())
     if application.state.status.state not in ("finished", "stopped"):
         raise typer.Exit(1)
+
+
+def compare_command(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint to compare with base: latest or <run>/step-<N>.")],
+    prompts: Annotated[str, typer.Option(help="positive, negative, neutral, or a prompts file.")] = "neutral",
+    samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = 30,
+    seed: Annotated[int, typer.Option(help="Same seeds for base and checkpoint.")] = 0,
+    generator_url: Annotated[str, typer.Option("--generator", envvar="RLHF_GENERATOR_URL")] = "http://127.0.0.1:8001",
+    reward_url: Annotated[str, typer.Option("--reward", envvar="RLHF_REWARD_URL")] = "http://127.0.0.1:8000",
+    out: Annotated[Path, typer.Option(help="Folder for compare.json and compare.md.")] = Path("runs/compare"),
+) -> None:
+    """Base vs a checkpoint on the same prompts and seeds: mean reward, fraction judged positive, example pairs."""
+    import json
+
+    from services.trainer.experiments import compare, compare_markdown, load_prompts
+    from shared.clients import GeneratorClient, RetryPolicy, RewardClient, ServiceError
+
+    try:
+        prompt_list = load_prompts(prompts)
+        retry = RetryPolicy(max_retries=2)
+        with GeneratorClient(generator_url, retry=retry) as g, RewardClient(reward_url, retry=retry) as r:
+            result = compare(g, r, checkpoint, prompt_list, samples, max_new_tokens, seed)
+    except (ValueError, ServiceError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    (out / "compare.md").write_text(compare_markdown(result))
+    b, t = result["base"], result["trained"]
+    typer.echo(f"{'':<22}{'base':>10}{result['checkpoint']:>18}")
+    typer.echo(f"{'mean reward':<22}{b['mean_reward']:>10.3f}{t['mean_reward']:>18.3f}")
+    typer.echo(f"{'positive fraction':<22}{b['positive_fraction']:>10.3f}{t['positive_fraction']:>18.3f}")
+    for e in result["examples"][:3]:
+        typer.echo(f"\n{e['prompt']!r}\n  base    ({e['base_score']:.2f}): {e['base']}\n"
+                   f"  trained ({e['trained_score']:.2f}): {e['trained']}")
+    typer.echo(f"\nwritten: {out / 'compare.json'}, {out / 'compare.md'}")
+
+
+def best_string_command(
+    checkpoint: Annotated[str, typer.Option(help="latest or <run>/step-<N>.")] = "latest",
+    budget: Annotated[int, typer.Option(help="Texts to generate and score in all.")] = 256,
+    prompts: Annotated[str, typer.Option(help="positive, negative, neutral, or a prompts file.")] = "neutral",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = 30,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    checkpoints: Annotated[Path, typer.Option(help="Checkpoint root, to compute log-probabilities.")] = Path("runs"),
+    generator_url: Annotated[str, typer.Option("--generator", envvar="RLHF_GENERATOR_URL")] = "http://127.0.0.1:8001",
+    reward_url: Annotated[str, typer.Option("--reward", envvar="RLHF_REWARD_URL")] = "http://127.0.0.1:8000",
+    out: Annotated[Path, typer.Option(help="Folder for best_string.json.")] = Path("runs/best-string"),
+) -> None:
+    """Search for the text the reward model scores highest that the policy would plausibly write."""
+    import json
+
+    from services.trainer.experiments import best_string, load_prompts, policy_logprob
+    from shared.checkpoints import checkpoint_path
+    from shared.clients import GeneratorClient, RetryPolicy, RewardClient, ServiceError
+
+    if budget < 2:
+        raise typer.BadParameter("budget must be at least 2", param_hint="--budget")
+    try:
+        retry = RetryPolicy(max_retries=2)
+        with GeneratorClient(generator_url, retry=retry) as g, RewardClient(reward_url, retry=retry) as r:
+            resolved = checkpoint
+            if checkpoint == "latest":
+                resolved = next(c["name"] for c in g.checkpoints() if c["latest"])
+            result = best_string(g, r, resolved, load_prompts(prompts), budget, max_new_tokens, seed)
+    except (ValueError, ServiceError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = None if resolved == "base" else checkpoint_path(checkpoints, resolved)
+    if path is not None and path.is_dir():
+        model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        for entry in result["top"]:
+            entry["logprob"] = policy_logprob(model, tok, entry["prompt"], entry["text"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best_string.json").write_text(json.dumps(result, indent=2))
+    typer.echo(f"{result['evaluated']} texts scored; best sampled score {result['best_sampled_score']:.4f}")
+    for e in result["top"]:
+        lp = f"{e['logprob']:8.2f}" if "logprob" in e else "     n/a"
+        typer.echo(f"{e['score']:.4f}  logprob {lp}  {e['text']}")
+    typer.echo(f"written: {out / 'best_string.json'}")

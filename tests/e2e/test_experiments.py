@@ -100,3 +100,64 @@ def test_three_label_reward_model_trains_with_no_code_change(tiny_kit, tmp_path,
     evals = [m for m in read_metrics(config.run_dir) if "eval/reward_mean" in m]
     assert evals[-1]["eval/reward_mean"] >= evals[0]["eval/reward_mean"] + 0.25
     assert max(e["eval/reward_mean"] for e in evals) >= 0.7
+
+
+@pytest.fixture(scope="module")
+def trained_system(tiny_kit, tmp_path_factory):
+    """A reward service, a checkpoint trained toward POSITIVE for 20 iterations, and a generator serving it."""
+    from services.generator.app import create_app as create_generator_app
+    from services.generator.settings import GeneratorSettings
+    from tests.conftest import ServerThread
+
+    runs = tmp_path_factory.mktemp("runs")
+    reward = ServerThread(create_reward_app(RewardSettings(model=str(tiny_kit / "tiny-sentiment"), device="cpu",
+                                                           port=0))).start()
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"model.model_path={tiny_kit / 'tiny-gpt2'}", f"train.checkpoint_dir={runs}", f"reward.url={reward.url}",
+        "train.tensorboard=false", "train.total_steps=20", "data.eval_prompts=16"])
+    train(config)
+    generator = ServerThread(create_generator_app(GeneratorSettings(
+        model=str(tiny_kit / "tiny-gpt2"), checkpoints=runs, device="cpu", port=0))).start()
+    yield {"reward": reward, "generator": generator, "runs": runs}
+    generator.stop()
+    reward.stop()
+
+
+def test_compare_reports_more_positive_text_after_positive_training(tiny_kit, trained_system, tmp_path):
+    from services.trainer.experiments import compare, load_prompts
+    from shared.clients import GeneratorClient
+
+    with GeneratorClient(trained_system["generator"].url) as g, RewardClient(trained_system["reward"].url) as r:
+        result = compare(g, r, "latest", load_prompts("neutral"), samples=4)
+    assert result["checkpoint"] == "tiny/step-20"
+    assert result["trained"]["positive_fraction"] > result["base"]["positive_fraction"]
+    assert result["trained"]["mean_reward"] > result["base"]["mean_reward"] + 0.1
+    assert len(result["examples"]) == len(load_prompts("neutral"))
+    out = rlhf(tiny_kit, "compare", "--checkpoint", "tiny/step-20", "--prompts", "negative", "--samples", "2",
+               "--generator", trained_system["generator"].url, "--reward", trained_system["reward"].url,
+               "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    written = json.loads((tmp_path / "compare.json").read_text())
+    assert "positive fraction" in out.stdout and (tmp_path / "compare.md").read_text().startswith("# base vs")
+    assert written["prompts"] == 8 and written["samples_per_prompt"] == 2
+    missing = rlhf(tiny_kit, "compare", "--checkpoint", "nope/step-1", "--generator", trained_system["generator"].url,
+                   "--reward", trained_system["reward"].url, "--out", str(tmp_path))
+    assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_best_string_beats_every_sampled_string(tiny_kit, trained_system, tmp_path):
+    from services.trainer.experiments import best_string, load_prompts
+    from shared.clients import GeneratorClient
+
+    with GeneratorClient(trained_system["generator"].url) as g, RewardClient(trained_system["reward"].url) as r:
+        result = best_string(g, r, "tiny/step-20", load_prompts("neutral"), budget=48)
+        rescored = r.score([e["text"] for e in result["top"]])
+    assert result["top"][0]["score"] >= result["best_sampled_score"]
+    assert rescored == pytest.approx([e["score"] for e in result["top"]], abs=1e-5)
+    assert all(e["text"].startswith(e["prompt"]) for e in result["top"])
+    out = rlhf(tiny_kit, "best-string", "--checkpoint", "latest", "--budget", "24",
+               "--checkpoints", str(trained_system["runs"]), "--generator", trained_system["generator"].url,
+               "--reward", trained_system["reward"].url, "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    top = json.loads((tmp_path / "best_string.json").read_text())["top"]
+    assert all(e["logprob"] < 0 for e in top)  # a log-probability under the trained policy
