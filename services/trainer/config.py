@@ -97,8 +97,8 @@ class RewardConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = Field("tiny", description="`imdb` (hub), `tiny` (the tiny kit's corpus) or a file/folder "
-                        "(CSV, JSONL, Parquet) with a text column.")
+    source: str = Field("tiny", description="`imdb` or `hf:<dataset id>` (hub), `tiny` (the tiny kit's corpus) or "
+                        "a file/folder (CSV, JSONL, Parquet) with a text column.")
     text_column: str = Field("text")
     split: str = Field("train", description="Split for training prompts (imdb).")
     eval_split: str = Field("test", description="Split for eval prompts (imdb); files use held-out rows.")

@@ -40,7 +40,8 @@ def _split_tail(rows: Rows) -> tuple[Rows, Rows]:
 
 
 def load_splits(source: str, split: str = "train", eval_split: str = "test") -> tuple[Rows, Rows]:
-    """(train rows, held-out rows) from `imdb`, `tiny`, a data file, or a folder of them; a row maps columns."""
+    """(train rows, held-out rows) from `imdb`, `hf:<dataset id>`, `tiny`, a data file, or a folder of them; a
+    row maps column names to values."""
     if source == "tiny":
         corpus = tiny_kit_dir() / "corpus"
         if not corpus.is_dir():
@@ -48,13 +49,14 @@ def load_splits(source: str, split: str = "train", eval_split: str = "test") -> 
                             f"{tiny_kit_dir()}` (or set RLHF_TINY_DIR)")
         return ([vars(r) for r in read_jsonl(corpus / "train.jsonl")],
                 [vars(r) for r in read_jsonl(corpus / "heldout.jsonl")])
-    if source == "imdb":
+    if source == "imdb" or source.startswith("hf:"):
         import datasets
 
+        name = "imdb" if source == "imdb" else source[3:]
         try:
-            ds = datasets.load_dataset("imdb")
+            ds = datasets.load_dataset(name)
         except Exception as exc:  # noqa: BLE001 - offline or hub error: say what to do instead
-            raise DataError(f"cannot load IMDB from the hub ({type(exc).__name__}); use data.source=tiny or a "
+            raise DataError(f"cannot load {name!r} from the hub ({type(exc).__name__}); use data.source=tiny or a "
                             "local file") from None
         return ds[split].to_list(), ds[eval_split].to_list()
     path = Path(source)

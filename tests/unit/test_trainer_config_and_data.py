@@ -14,7 +14,8 @@ from services.trainer.data import DataError, PromptSampler, first_words, load_te
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("preset", ["tiny.yaml", "ppo_sentiments.yaml"])
+@pytest.mark.parametrize("preset", ["tiny.yaml", "ppo_sentiments.yaml", "tiny-negative.yaml", "tiny-3label.yaml",
+                                    "finbert_news.yaml"])
 def test_presets_validate(preset):
     cfg = load_config(ROOT / "configs" / preset)
     assert cfg.method.num_rollouts % cfg.train.batch_size == 0
@@ -119,3 +120,20 @@ def test_tiny_preset_builds_the_kit_only_when_missing(tmp_path, monkeypatch):
     (kit / "report.json").write_text("{}")
     cli._ensure_tiny_kit(cfg)
     assert built == [kit]  # present: reused, not rebuilt
+
+
+def test_hub_datasets_by_id(monkeypatch):
+    import datasets
+
+    asked = []
+
+    def fake_load(name):
+        asked.append(name)
+        rows = [{"text": f"Stocks rallied on day {i} as markets rose"} for i in range(10)]
+        return {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:3])}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train, held = load_texts("hf:fancyzhx/ag_news")
+    assert asked == ["fancyzhx/ag_news"] and len(train) == 10 and len(held) == 3
+    cfg = load_config(ROOT / "configs" / "finbert_news.yaml")
+    assert cfg.reward.label == "positive" and cfg.data.source == "hf:fancyzhx/ag_news"
