@@ -60,6 +60,10 @@ class Rollouts:
     def sequences(self) -> torch.Tensor:
         return torch.cat([self.queries, self.responses], dim=1)  # (B, Q + R)
 
+    def response_lengths(self, eos: int) -> torch.Tensor:
+        """Tokens per response, the EOS not counted, (B,)."""
+        return self.mask.sum(1) - (self.responses == eos).any(1).float()
+
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.mask.long()], dim=1)  # (B, Q + R)
@@ -153,10 +157,10 @@ class PPOTrainer:
         return stats | timings | {"objective/kl_coef_next": self.kl_ctl.value}
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], gen_overrides: dict | None = None) -> Rollouts:
+    def generate(self, prompts: list[str]) -> Rollouts:
         """Sample a response per prompt, `chunk_size` prompts per generate call, in eval mode."""
         m = self.config.method
-        gen = m.gen_kwargs.model_dump() | (gen_overrides or {})
+        gen = m.gen_kwargs.model_dump()
         max_prompt = self.config.train.seq_length - gen["max_new_tokens"]
         queries, query_masks, responses = [], [], []
         for i in range(0, len(prompts), m.chunk_size):
@@ -253,7 +257,7 @@ class PPOTrainer:
 
     def rollout_stats(self, rollouts: Rollouts, kl: torch.Tensor, entropy: torch.Tensor,
                       rewards: torch.Tensor) -> dict[str, float]:
-        lengths = rollouts.mask.sum(1) - (rollouts.responses == self.eos).any(1).float()  # EOS not counted
+        lengths = rollouts.response_lengths(self.eos)
         return {
             "rollout/reward_mean": self._global_mean(rollouts.scores),
             "rollout/reward_std": rollouts.scores.std().item() if len(rollouts) > 1 else 0.0,
@@ -281,7 +285,7 @@ class PPOTrainer:
         scores = self.score(rollouts)
         logprobs, _, _ = self.policy_forward(rollouts)
         kl = sequence_kl(logprobs, self.reference_forward(rollouts), rollouts.mask)
-        lengths = rollouts.mask.sum(1) - (rollouts.responses == self.eos).any(1).float()
+        lengths = rollouts.response_lengths(self.eos)
         return {"eval/reward_mean": scores.mean().item(), "eval/kl": kl.mean().item(),
                 "eval/response_length": lengths.mean().item(),
                 "eval/empty_fraction": (lengths == 0).float().mean().item(),
