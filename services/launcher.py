@@ -93,13 +93,12 @@ class Supervisor:
         raise LaunchError(f"the {service.name} service was not ready after {timeout:.0f} s; see {service.log}")
 
     def stop_all(self, grace: float = 20.0) -> None:
-        """SIGTERM every process group (trainer first: it saves), then SIGKILL whatever is left after `grace`."""
+        """Stop the services one at a time, newest first: the trainer finishes its iteration and saves while the
+        reward service still answers. Each gets SIGTERM, then SIGKILL (its whole group) after `grace` seconds."""
         for s in reversed(self.services):
             _signal_group(s.process, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for s in reversed(self.services):
             try:
-                s.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                s.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(s.process, signal.SIGKILL)  # the group too: no grandchild outlives the launcher
