@@ -12,6 +12,7 @@ padded cost (`len(batch) * largest cost`) would pass `max_batch_tokens`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -21,6 +22,9 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+log = logging.getLogger(__name__)
+RESTART_BACKOFF_S = 0.5  # first pause before a dead worker restarts; doubles while it keeps dying
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 class QueueFullError(Exception):
@@ -36,6 +40,10 @@ class BatcherClosedError(Exception):
 
 class BatchTimeoutError(Exception):
     """The request was not served within its timeout."""
+
+
+class WorkerDiedError(Exception):
+    """The worker died while this request's batch was being formed or computed; it restarts by itself."""
 
 
 @dataclass
@@ -96,6 +104,9 @@ class Batcher(Generic[T, R]):
         self._closed = False
         self._in_flight = 0  # items taken into a batch that has not finished yet
         self._recent_load: deque[int] = deque(maxlen=64)  # items waiting or computing, seen at each arrival
+        self._batch: list[_Pending[T]] = []  # the batch being computed, failed if the worker dies under it
+        self.worker_error: str | None = None  # why the worker last died, until it is back
+        self.worker_restarts = 0
 
     @property
     def depth(self) -> int:
@@ -108,8 +119,29 @@ class Batcher(Generic[T, R]):
         return len(self._waiting) + self._in_flight
 
     def start(self) -> None:
-        if self._worker is None:
+        if self._worker is None and not self._closed:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._worker.add_done_callback(self._on_worker_exit)
+
+    def _on_worker_exit(self, task: asyncio.Task) -> None:
+        """A worker that died (a bug, never a model error: those fail their batch) is restarted after a pause,
+        with the items still waiting kept; the batch it held fails with WorkerDiedError so its callers can retry."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.worker_error = f"batch worker died: {type(exc).__name__}: {exc}"
+        log.error("%s; restarting it", self.worker_error, exc_info=exc)
+        for p in self._batch:
+            if not p.future.done():
+                p.future.set_exception(WorkerDiedError(self.worker_error))
+        self._batch, self._in_flight, self._worker = [], 0, None
+        self.worker_restarts += 1
+        delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** min(self.worker_restarts - 1, 8))
+        asyncio.get_running_loop().call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self.worker_error = None
+        self.start()
 
     async def submit(self, items: Sequence[T], timeout: float | None = None) -> tuple[list[R], Timing]:
         """Queue every item of one request and wait for all results, in order.
@@ -195,7 +227,7 @@ class Batcher(Generic[T, R]):
             self._waiting = [p for p in self._waiting if not p.future.done()]
             if not self._waiting:
                 continue
-            batch = self._take_batch()
+            batch = self._batch = self._take_batch()
             self._in_flight = len(batch)
             started = time.perf_counter()
             try:
@@ -206,7 +238,7 @@ class Batcher(Generic[T, R]):
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
                 results, error = None, exc
             finished = time.perf_counter()
-            self._in_flight = 0
+            self._in_flight, self._batch = 0, []
             for i, p in enumerate(batch):
                 if p.future.done():
                     continue
@@ -224,5 +256,9 @@ class Batcher(Generic[T, R]):
         self._closed = True
         self._arrived.set()
         if self._worker is not None:
-            await self._worker
+            await asyncio.gather(self._worker, return_exceptions=True)
+        for p in self._waiting:  # only left when the worker died during the close
+            if not p.future.done():
+                p.future.set_exception(BatcherClosedError("the service is shutting down"))
+        self._waiting = []
         self._executor.shutdown(wait=True)

@@ -1,7 +1,8 @@
-"""HTTP clients of the services: timeouts, retries with exponential backoff and jitter, chunking.
+"""HTTP clients of the services: timeouts, retries with exponential backoff and jitter under one deadline, chunking.
 
-Retried: connection errors and timeouts, 429, 503 and other 5xx (honouring `Retry-After`). Never retried: other 4xx,
-which mean the request itself is wrong. Every error surfaces as `ServiceError` with the server's message.
+Retried: connection errors and timeouts, 429, 502, 503 and 504 (honouring `Retry-After` up to a cap), and a 500
+once (a worker that died restarts). Never retried: other 4xx, which mean the request itself is wrong, and a 500 that
+repeats. All retries of one call share one deadline. Every error surfaces as `ServiceError` with the server's message.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class ServiceError(Exception):
@@ -32,24 +33,27 @@ class ServiceError(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int = 6
+    max_retries: int | None = None  # None: as many as the deadline allows
+    deadline_s: float | None = 120.0  # one budget for the whole call: every attempt and every wait
     backoff_base: float = 0.25  # seconds before the first retry
     backoff_max: float = 10.0
     jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1]
+    retry_after_max: float = 30.0  # a server's Retry-After is honoured up to this
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full backoff for `attempt` (0-based), never shorter than the server's Retry-After."""
+        """Full backoff for `attempt` (0-based), never shorter than the server's Retry-After (capped)."""
         backoff = min(self.backoff_max, self.backoff_base * 2**attempt)
         backoff *= 1 - self.jitter * random.random()
-        return max(backoff, retry_after or 0.0)
+        return max(backoff, min(retry_after or 0.0, self.retry_after_max))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     try:
-        return min(float(value), 60.0) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _error_from(response: httpx.Response) -> ServiceError:
@@ -85,8 +89,48 @@ class _AsyncClosesOnExit:
         await self.aclose()
 
 
+class _Call:
+    """The retry state of one call: attempts, repeated 500s, and the deadline they all share."""
+
+    def __init__(self, client: _Retrying):
+        self.client, self.policy = client, client.retry
+        self.started = time.monotonic()
+        self.attempt = 0
+        self.server_errors = 0
+
+    def timeout(self) -> float:
+        """This attempt's timeout: the client's, cut to what is left of the deadline."""
+        if self.policy.deadline_s is None:
+            return self.client.timeout
+        left = self.policy.deadline_s - (time.monotonic() - self.started)
+        return max(0.001, min(self.client.timeout, left))
+
+    def next_delay(self, outcome: httpx.Response | Exception) -> float:
+        """Seconds to wait before trying again, or raise ServiceError when `outcome` is final."""
+        status = getattr(outcome, "status_code", None)
+        if isinstance(outcome, httpx.Response):
+            error = _error_from(outcome)
+            self.server_errors += status == 500
+            if status not in RETRY_STATUSES and not (status == 500 and self.server_errors == 1):
+                raise error  # the request is wrong, or the server fails it every time: fail fast
+            retry_after, why = _retry_after(outcome), str(error)
+        else:
+            retry_after, why = None, f"{type(outcome).__name__}: {outcome}"
+        delay = self.policy.delay(self.attempt, retry_after)
+        elapsed = time.monotonic() - self.started
+        out_of_tries = self.policy.max_retries is not None and self.attempt >= self.policy.max_retries
+        out_of_time = self.policy.deadline_s is not None and elapsed + delay >= self.policy.deadline_s
+        c = self.client
+        if out_of_tries or out_of_time:
+            raise ServiceError(f"{c.name} at {c.url} failed after {self.attempt + 1} attempts in {elapsed:.1f} s "
+                               f"({why})", status, getattr(error, "type", None) if status else None)
+        self.attempt += 1
+        log.warning("%s at %s: %s; retrying in %.2f s (retry %d)", c.name, c.url, why, delay, self.attempt)
+        return delay
+
+
 class _Retrying:
-    """What the sync and async clients share: base URL, auth, the retry decision and its log line."""
+    """What the sync and async clients share: base URL, auth, timeout and retry policy."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float, retry: RetryPolicy, name: str):
         self.url = url.rstrip("/")
@@ -94,22 +138,6 @@ class _Retrying:
         self.timeout = timeout
         self.retry = retry
         self.name = name
-
-    def _next_delay(self, attempt: int, outcome: httpx.Response | Exception) -> float:
-        """Seconds to wait before trying again, or raise ServiceError when `outcome` is final."""
-        if isinstance(outcome, httpx.Response):
-            if outcome.status_code not in RETRY_STATUSES:
-                raise _error_from(outcome)
-            retry_after, why = _retry_after(outcome), f"HTTP {outcome.status_code}"
-        else:
-            retry_after, why = None, f"{type(outcome).__name__}: {outcome}"
-        if attempt >= self.retry.max_retries:
-            raise ServiceError(f"{self.name} at {self.url} failed after {attempt + 1} attempts ({why})",
-                               getattr(outcome, "status_code", None))
-        delay = self.retry.delay(attempt, retry_after)
-        log.warning("%s at %s: %s; retrying in %.2f s (retry %d of %d)", self.name, self.url, why, delay,
-                    attempt + 1, self.retry.max_retries)
-        return delay
 
 
 class HttpJsonClient(_Retrying, _ClosesOnExit):
@@ -122,16 +150,16 @@ class HttpJsonClient(_Retrying, _ClosesOnExit):
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
 
     def request(self, method: str, path: str, json: Any = None) -> Any:
-        for attempt in range(self.retry.max_retries + 1):
+        call = _Call(self)
+        while True:
             try:
-                response = self._http.request(method, path, json=json)
+                response = self._http.request(method, path, json=json, timeout=call.timeout())
                 if response.is_success:
                     return response.json() if response.content else None
                 outcome: httpx.Response | Exception = response
             except httpx.TransportError as exc:
                 outcome = exc
-            time.sleep(self._next_delay(attempt, outcome))
-        raise AssertionError("unreachable")
+            time.sleep(call.next_delay(outcome))
 
     def close(self) -> None:
         self._http.close()
@@ -147,16 +175,16 @@ class AsyncHttpJsonClient(_Retrying, _AsyncClosesOnExit):
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
 
     async def request(self, method: str, path: str, json: Any = None) -> Any:
-        for attempt in range(self.retry.max_retries + 1):
+        call = _Call(self)
+        while True:
             try:
-                response = await self._http.request(method, path, json=json)
+                response = await self._http.request(method, path, json=json, timeout=call.timeout())
                 if response.is_success:
                     return response.json() if response.content else None
                 outcome: httpx.Response | Exception = response
             except httpx.TransportError as exc:
                 outcome = exc
-            await asyncio.sleep(self._next_delay(attempt, outcome))
-        raise AssertionError("unreachable")
+            await asyncio.sleep(call.next_delay(outcome))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -5,16 +5,31 @@ Fields may be added; none may be renamed or removed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
 ScoreKind = Literal["prob", "logit"]
+
+
+def _utf8(text: str) -> str:
+    """JSON can carry a lone surrogate (`"\\ud800"`), which no tokenizer can encode: refuse it as bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone surrogate at position {exc.start}: not valid Unicode text") from None
+    return text
+
+
+# Every string a client sends: a real str (no coercion) that is valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
 
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="Machine-readable error kind, e.g. `invalid_request`, `model_not_found`.")
     message: str = Field(description="What went wrong, for a person.")
+    request_id: str | None = Field(None, description="The request's id (also the `x-request-id` header); server "
+                                   "logs name it.")
 
 
 class ErrorResponse(BaseModel):
@@ -28,9 +43,9 @@ class ErrorResponse(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[StrictStr] = Field(description="Texts to score; each non-empty.", min_length=1)
-    model: StrictStr | None = Field(None, description="Model name; the default model when omitted.")
-    label: StrictStr | None = Field(
+    texts: list[Text] = Field(description="Texts to score; each non-empty.", min_length=1)
+    model: Text | None = Field(None, description="Model name; the default model when omitted.")
+    label: Text | None = Field(
         None, description="Score this label (by name) instead of the model's reward label, e.g. NEGATIVE.")
     truncate: bool | None = Field(
         None, description="Cut texts longer than the model's max_length (server default when omitted); when false "
@@ -55,18 +70,18 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    source: StrictStr = Field(description="Local folder or Hugging Face hub id of a sequence-classification model.")
-    label: StrictStr | None = Field(
+    source: Text = Field(description="Local folder or Hugging Face hub id of a sequence-classification model.")
+    label: Text | None = Field(
         None, description="Name of the reward label (matched exactly, else case-insensitively). Default: POSITIVE.")
     score: ScoreKind = Field("prob", description="Return the label's probability or its logit.")
     max_length: int | None = Field(None, ge=1, description="Token limit; default: the tokenizer's model_max_length.")
-    revision: StrictStr | None = Field(None, description="Hub revision (branch, tag or commit).")
+    revision: Text | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute precision; bfloat16 uses autocast (4x faster on CPUs with AMX).")
 
 
 class NamedModelSpec(ModelSpec):
-    name: StrictStr = Field(description="Name clients use in `model`.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: Text = Field(description="Name clients use in `model`.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ModelInfo(BaseModel):
@@ -90,8 +105,8 @@ class ModelList(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[StrictStr] = Field(min_length=1, description="Prompts to continue.")
-    checkpoint: StrictStr = Field("latest", description="`base`, `latest` (newest complete) or `<run>/step-<N>`.")
+    prompts: list[Text] = Field(min_length=1, description="Prompts to continue.")
+    checkpoint: Text = Field("latest", description="`base`, `latest` (newest complete) or `<run>/step-<N>`.")
     max_new_tokens: int = Field(40, ge=1, description="Most tokens to add per completion.")
     do_sample: bool = Field(True, description="Sample (true) or greedy decode (false).")
     temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature when sampling.")
@@ -99,7 +114,7 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: off).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed and parameters: the same text.")
     num_return_sequences: int = Field(1, ge=1, description="Completions per prompt.")
-    stop: list[StrictStr] = Field(default_factory=list, max_length=8, description="Cut at the first of these.")
+    stop: list[Text] = Field(default_factory=list, max_length=8, description="Cut at the first of these.")
 
 
 class GeneratedText(BaseModel):
@@ -138,14 +153,14 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-    model: StrictStr = "latest"
-    prompt: StrictStr | list[StrictStr] = ""
+    model: Text = "latest"
+    prompt: Text | list[Text] = ""
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     echo: bool = False
     logprobs: int | None = None

@@ -6,11 +6,14 @@ Status codes are chosen here and in routes only; the engines below them raise pl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.batching import BatcherClosedError, BatchTimeoutError, QueueFullError, WorkerDiedError
+
 log = logging.getLogger(__name__)
+
+# The id of the request being served: set by RequestObserver, echoed as `x-request-id`, named in fault logs.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -32,10 +41,39 @@ class ApiError(Exception):
 
 
 def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type, "message": message}}, status_code=status, headers=headers)
+    error = {"type": type, "message": message}
+    if (rid := request_id.get()) is not None:
+        error["request_id"] = rid
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-_STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+def server_fault(type: str, message: str) -> ApiError:
+    """A 500 for a real server fault (never the client's input), logged with the request id."""
+    log.error("request %s: %s: %s", request_id.get(), type, message)
+    return ApiError(500, type, message)
+
+
+@contextmanager
+def batcher_errors() -> Iterator[None]:
+    """Map what a Batcher raises to HTTP: full queue 429, timeout / closed / dead worker 503, anything else 500."""
+    retry = {"Retry-After": "1"}
+    try:
+        yield
+    except QueueFullError as exc:
+        raise ApiError(429, "overloaded", str(exc), retry) from None
+    except BatchTimeoutError as exc:
+        raise ApiError(503, "timeout", str(exc), retry) from None
+    except (BatcherClosedError, WorkerDiedError) as exc:
+        raise ApiError(503, "unavailable", f"{exc}; retry", retry) from None
+    except ApiError:
+        raise
+    except Exception as exc:  # the model itself failed: a server fault, never the client's input
+        log.exception("request %s: inference failed", request_id.get())
+        raise ApiError(500, "inference_error", f"inference failed: {type(exc).__name__}: {exc}") from None
+
+
+_STATUS_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed",
                  413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
                  429: "overloaded", 503: "unavailable"}
 
@@ -53,7 +91,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Render every error, ours or the framework's, as `{"error": {"type", "message"}}`."""
+    """Render every error, ours or the framework's, as `{"error": {"type", "message", "request_id"}}`; unexpected
+    exceptions become a 500 in RequestObserver."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -68,11 +107,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "error"), str(exc.detail),
                               getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
 class BodyGuard:
@@ -94,30 +128,38 @@ class BodyGuard:
         if length != "0" and ctype and not (ctype == "application/json" or ctype.endswith("+json")):
             return await self._reject(scope, receive, send, 415, "unsupported_media_type",
                                       f"content type {ctype!r} is not supported; send application/json")
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._reject(scope, None, send, 413, "payload_too_large",
-                               f"body exceeds the limit of {self.max_bytes} bytes")
+        if length is None:  # chunked: read it here (bounded), so an oversized one is a 413, not a parse error
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                body += message.get("body", b"")
+                if len(body) > self.max_bytes:
+                    return await self._reject(scope, None, send, 413, "payload_too_large",
+                                              f"body exceeds the limit of {self.max_bytes} bytes")
+                if not message.get("more_body"):
+                    break
+            receive = _replay(bytes(body), receive)
+        await self.app(scope, receive, send)
 
     @staticmethod
     async def _reject(scope, receive, send, status, type, message):
         await error_response(status, type, message)(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _replay(body: bytes, receive):
+    """An ASGI `receive` that hands over `body` once, then defers to the real one (for disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def bearer_guard(get_key: Callable[[], str | None]) -> Callable[[Request], None]:
@@ -146,7 +188,8 @@ class HttpMetrics:
 
 
 class RequestObserver:
-    """ASGI middleware: counts requests, observes latency and sets `x-total-time` (ms) on every response."""
+    """ASGI middleware: gives every request an id (the client's `x-request-id` when sane, else a new one), counts
+    requests, observes latency and sets `x-request-id` and `x-total-time` (ms) on every response."""
 
     def __init__(self, app, metrics: HttpMetrics):
         self.app, self.metrics = app, metrics
@@ -156,19 +199,29 @@ class RequestObserver:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        response_started = False
 
         async def observed_send(message):
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-total-time", f"{elapsed_ms:.2f}".encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
+                                      (b"x-total-time", f"{elapsed_ms:.2f}".encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
+        except Exception:  # noqa: BLE001 - a fault: logged with the id the client also gets
+            log.exception("request %s: unhandled error", rid)
+            if not response_started:
+                await error_response(500, "internal_error", "internal error; see the server log for request "
+                                     f"{rid}")(scope, receive, observed_send)
         finally:
+            request_id.reset(token)
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -215,7 +268,13 @@ class BackgroundLoad:
     def __init__(self, what: str, load: Callable[[], Awaitable[None]]):
         self.what, self._load = what, load
         self.not_ready: str | None = f"{what} loading"
+        self.done = False  # the load has ended, well or not
         self._task: asyncio.Task | None = None
+
+    @property
+    def loading(self) -> str | None:
+        """Why requests must wait (the load is still running), else None."""
+        return None if self.done else self.not_ready
 
     async def _run(self) -> None:
         try:
@@ -224,6 +283,8 @@ class BackgroundLoad:
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
             self.not_ready = f"{self.what} failed to load: {exc}"
             log.error("%s", self.not_ready)
+        finally:
+            self.done = True
 
     def lifespan(self, torch_threads: int, on_shutdown: Callable[[], Awaitable[None]]):
         """A FastAPI lifespan: pin torch threads, load in the background, run `on_shutdown` at the end."""

@@ -26,11 +26,19 @@ def create_app(settings: RewardSettings) -> FastAPI:
     lifespan = loading.lifespan(settings.torch_threads, lambda: registry.close())
     app = create_service_app(title="Reward service", namespace="reward", max_body_bytes=settings.max_body_bytes,
                              lifespan=lifespan)
-    registry = ModelRegistry(settings.batching, resolve_device(settings.device), RewardMetrics(app.state.registry))
+    registry = ModelRegistry(settings.batching, resolve_device(settings.device), RewardMetrics(app.state.registry),
+                             settings.max_models)
     app.state.models = registry
     app.state.settings = settings
     app.state.before_scrape.append(registry.refresh_gauges)
-    add_operational_routes(app, app.state.registry,
-                           lambda: loading.not_ready or (None if len(registry) else "no model is loaded"))
-    app.include_router(build_router(settings, registry))
+
+    def not_ready() -> str | None:
+        if loading.loading:
+            return loading.loading
+        if not len(registry):
+            return f"no model is loaded ({loading.not_ready})" if loading.not_ready else "no model is loaded"
+        return registry.unhealthy()
+
+    add_operational_routes(app, app.state.registry, not_ready)
+    app.include_router(build_router(settings, registry, lambda: loading.loading))
     return app

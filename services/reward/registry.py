@@ -30,6 +30,10 @@ class DefaultModelError(ValueError):
     pass
 
 
+class ModelCapError(RuntimeError):
+    pass
+
+
 @dataclass
 class ModelHandle:
     name: str
@@ -38,8 +42,9 @@ class ModelHandle:
 
 
 class ModelRegistry:
-    def __init__(self, batching: BatchingSettings, device: str, metrics: RewardMetrics):
+    def __init__(self, batching: BatchingSettings, device: str, metrics: RewardMetrics, max_models: int = 4):
         self._batching = batching
+        self.max_models = max_models
         self._device = device
         self._metrics = metrics
         self._models: dict[str, ModelHandle] = {}
@@ -68,6 +73,9 @@ class ModelRegistry:
     async def put(self, name: str, spec: ModelSpec, make_default: bool = False) -> tuple[ModelHandle, bool]:
         """Load `spec` as `name` (ModelLoadError leaves any old model serving). Returns (handle, replaced)."""
         async with self._admin:
+            if name not in self._models and len(self._models) >= self.max_models:
+                raise ModelCapError(f"{len(self._models)} models are loaded, the most allowed (max_models); "
+                                    "remove one or replace an existing name")
             log.info("loading model %r from %s", name, spec.source)
             scorer = await asyncio.to_thread(Scorer, spec, self._device)
             handle = self._make_handle(name, scorer)
@@ -99,6 +107,13 @@ class ModelRegistry:
         task = asyncio.get_running_loop().create_task(handle.batcher.close())
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
+
+    def unhealthy(self) -> str | None:
+        """Why some model cannot serve now (its batch worker died and is restarting), or None."""
+        for name, handle in self._models.items():
+            if handle.batcher.worker_error:
+                return f"model {name!r}: {handle.batcher.worker_error}"
+        return None
 
     def refresh_gauges(self) -> None:
         for name, handle in self._models.items():

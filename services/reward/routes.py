@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Response
 
-from services.reward.registry import DefaultModelError, ModelHandle, ModelRegistry, UnknownModelError
+from services.reward.registry import DefaultModelError, ModelCapError, ModelHandle, ModelRegistry, UnknownModelError
 from services.reward.scorer import TextTooLongError, resolve_label
 from services.reward.settings import RewardSettings
-from shared.batching import BatcherClosedError, BatchTimeoutError, QueueFullError, Timing
+from services.reward.sources import SourcePolicy, SourceRefusedError
+from shared.batching import BatcherClosedError, Timing
 from shared.modeling import ModelLoadError
 from shared.schemas import ClassifyResponse, ErrorResponse, ModelInfo, ModelList, ModelSpec, ScoreRequest, ScoreResponse
-from shared.server import ApiError, bearer_guard
+from shared.server import ApiError, batcher_errors, bearer_guard, server_fault
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 500, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 503)}
+ADMIN_OFF = ("model control is off: start the service with an admin key (REWARD_ADMIN_API_KEY, or admin_api_key "
+             "in the config) to enable PUT and DELETE /v1/models")
 # Tokenizing this much text takes well under a millisecond: cheaper on the loop than a hop to a thread.
 INLINE_TOKENIZE_CHARS = 4096
 MODEL_NAME = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Model name.")
@@ -32,10 +37,39 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter:
+def _admin_enabled(settings: RewardSettings) -> Callable[[], None]:
+    def check() -> None:
+        if not settings.admin_api_key:
+            raise ApiError(403, "forbidden", ADMIN_OFF)
+
+    return check
+
+
+def _finite(values: list[float], model: str) -> None:
+    """A NaN or inf from the model is a server fault: never hand it to a client as a score (JSON would say null)."""
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise server_fault("non_finite_output", f"model {model!r} produced non-finite output for texts {bad[:10]}; "
+                           "its weights or dtype are broken")
+
+
+def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Callable[[], str | None]) -> APIRouter:
+    """`loading()` says which startup models are still loading, None once the load has ended."""
     user = Depends(bearer_guard(lambda: settings.api_key))
-    admin = Depends(bearer_guard(lambda: settings.admin_key))
+    admin = [Depends(_admin_enabled(settings)), Depends(bearer_guard(lambda: settings.admin_api_key))]
     router = APIRouter(prefix="/v1", responses=_ERRORS)
+    sources = SourcePolicy(settings.model_dirs, [m.source for m in settings.models], settings.allow_hub_models)
+
+    def lookup(name: str | None) -> ModelHandle:
+        """The model to serve; 503 (retry) while the startup models load or when none is loaded, 404 for a name
+        that is not loaded."""
+        try:
+            return registry.get(name)
+        except UnknownModelError as exc:
+            if (why := loading()) or not len(registry):
+                raise ApiError(503, "unavailable", f"{why or 'no model is loaded'}; retry",
+                               {"Retry-After": "2"}) from None
+            raise ApiError(404, "model_not_found", exc.message) from None
 
     # A request larger than the queue could never be admitted: say so (413) rather than "retry later" (429).
     max_texts = min(settings.max_texts_per_request, settings.batching.max_queue_size)
@@ -56,10 +90,7 @@ def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter
         validate(req)
         truncate = settings.truncate if req.truncate is None else req.truncate
         for attempt in range(2):
-            try:
-                handle = registry.get(req.model)
-            except UnknownModelError as exc:
-                raise ApiError(404, "model_not_found", exc.message) from None
+            handle = lookup(req.model)
             loop = asyncio.get_running_loop()
             started = loop.time()
             try:
@@ -70,20 +101,13 @@ def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter
             except TextTooLongError as exc:
                 raise ApiError(413, "payload_too_large", str(exc)) from None
             tokenized = loop.time() - started
-            try:
-                logits, timing = await handle.batcher.submit(ids, timeout=settings.batching.request_timeout_s)
-            except BatcherClosedError:
-                if attempt == 0:
-                    continue
-                raise ApiError(503, "unavailable", f"model {handle.name!r} is being replaced; retry",
-                               {"Retry-After": "1"}) from None
-            except QueueFullError as exc:
-                raise ApiError(429, "overloaded", str(exc), {"Retry-After": "1"}) from None
-            except BatchTimeoutError as exc:
-                raise ApiError(503, "timeout", str(exc), {"Retry-After": "1"}) from None
-            except Exception as exc:  # the forward pass failed: a server fault, never the client's input
-                log.exception("inference failed on model %s", handle.name)
-                raise ApiError(500, "inference_error", f"inference failed: {type(exc).__name__}: {exc}") from None
+            with batcher_errors():
+                try:
+                    logits, timing = await handle.batcher.submit(ids, timeout=settings.batching.request_timeout_s)
+                except BatcherClosedError:
+                    if attempt == 0:  # the model was swapped mid-request: once more, on its replacement
+                        continue
+                    raise
             _timing_headers(response, handle.name, tokenized, timing)
             return handle, logits
         raise AssertionError("unreachable")
@@ -99,7 +123,7 @@ def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter
             except ModelLoadError as exc:
                 raise ApiError(422, "invalid_request", str(exc)) from None
         scores = handle.scorer.scores(logits, label_index)
-        assert len(scores) == len(req.texts)
+        _finite(scores, handle.name)
         label = handle.scorer.label if label_index is None else handle.scorer.id2label[label_index]
         return ScoreResponse(model=handle.name, label=label, score_kind=handle.scorer.spec.score, scores=scores)
 
@@ -109,6 +133,7 @@ def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter
         handle, logits = await run(req, response)
         names = [handle.scorer.id2label[i] for i in range(len(handle.scorer.id2label))]
         probs = handle.scorer.probabilities(logits).tolist()
+        _finite([p for row in probs for p in row], handle.name)
         return ClassifyResponse(model=handle.name, labels=names,
                                 probabilities=[dict(zip(names, row)) for row in probs])
 
@@ -116,17 +141,24 @@ def build_router(settings: RewardSettings, registry: ModelRegistry) -> APIRouter
     async def models() -> ModelList:
         return ModelList(models=registry.infos())
 
-    @router.put("/models/{name}", response_model=ModelInfo, dependencies=[admin])
+    @router.put("/models/{name}", response_model=ModelInfo, dependencies=admin)
     async def put_model(response: Response, spec: Annotated[PutModel, Body()], name: str = MODEL_NAME) -> ModelInfo:
-        """Load a model, or replace one: the old one keeps serving if the new one fails to load."""
+        """Load a model, or replace one: the old one keeps serving if the new one fails to load. Sources: the
+        startup models, folders under `model_dirs`, hub ids when `allow_hub_models` is on; at most `max_models`."""
         try:
-            _, replaced = await registry.put(name, ModelSpec(**spec.model_dump(exclude={"default"})), spec.default)
+            source = sources.check(spec.source)
+            model = ModelSpec(**spec.model_dump(exclude={"default"}) | {"source": source})
+            _, replaced = await registry.put(name, model, spec.default)
+        except SourceRefusedError as exc:
+            raise ApiError(403, "forbidden", str(exc)) from None
+        except ModelCapError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
         except ModelLoadError as exc:
             raise ApiError(422, "model_load_failed", str(exc)) from None
         response.status_code = 200 if replaced else 201
         return next(info for info in registry.infos() if info.name == name)
 
-    @router.delete("/models/{name}", status_code=204, dependencies=[admin])
+    @router.delete("/models/{name}", status_code=204, dependencies=admin)
     async def delete_model(name: str = MODEL_NAME) -> Response:
         try:
             await registry.remove(name)

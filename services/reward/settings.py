@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -29,7 +31,13 @@ class RewardSettings(ServiceSettings):
     score: ScoreKind = Field("prob", description="Shorthand: `prob` or `logit` for `model`.")
     batching: BatchingSettings = Field(default_factory=BatchingSettings, description="Dynamic batching.")
     admin_api_key: str | None = Field(
-        None, description="Key for PUT/DELETE /v1/models; defaults to api_key. With neither set, admin is open.")
+        None, description="Key for PUT/DELETE /v1/models. Model control is OFF (403) unless it is set; it must "
+        "differ from api_key, so a scoring key never grants admin.")
+    model_dirs: list[Path] = Field(
+        default_factory=list, description="Folders whose models PUT /v1/models may load (besides the folders of "
+        "the startup models).")
+    allow_hub_models: bool = Field(False, description="Let PUT /v1/models load hub ids (off: local folders only).")
+    max_models: int = Field(4, ge=1, description="Most models loaded at once; loading one more -> 409.")
     max_texts_per_request: int = Field(1024, ge=1, description="More texts in one request -> 413.")
     max_text_chars: int = Field(100_000, ge=1, description="A longer text -> 413 (before tokenizing it).")
     truncate: bool = Field(True, description="Cut texts longer than max_length (else 413), unless a request says.")
@@ -44,8 +52,8 @@ class RewardSettings(ServiceSettings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        if len(names) > self.max_models:
+            raise ValueError(f"{len(names)} startup models but max_models is {self.max_models}")
+        if self.admin_api_key and self.admin_api_key == self.api_key:
+            raise ValueError("admin_api_key must differ from api_key: a scoring key must never grant admin")
         return self
-
-    @property
-    def admin_key(self) -> str | None:
-        return self.admin_api_key or self.api_key

@@ -127,7 +127,7 @@ def test_bad_input_gets_a_4xx_envelope_and_the_service_keeps_serving(server, cas
 def test_malformed_bodies(server, content, ctype, status):
     r = httpx.post(server.url + "/v1/score", content=content, headers={"content-type": ctype}, timeout=30)
     assert r.status_code == status, r.text
-    assert set(r.json()["error"]) == {"type", "message"}
+    assert {"type", "message", "request_id"} == set(r.json()["error"])
     assert score(server.url, ["still fine"]).status_code == 200
 
 

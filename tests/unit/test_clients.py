@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -51,8 +52,8 @@ def test_scores_come_back_in_order_across_chunks():
 @pytest.mark.parametrize("failure", [
     httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"type": "unavailable", "message": "x"}}),
     httpx.Response(429, json={"error": {"type": "overloaded", "message": "x"}}),
-    httpx.Response(500, json={"error": {"type": "internal_error", "message": "x"}}),
     httpx.Response(502, text="bad gateway"),
+    httpx.Response(504, text="gateway timeout"),
     httpx.ConnectError("connection refused"),
     httpx.ReadTimeout("slow"),
 ])
@@ -68,6 +69,34 @@ def test_client_errors_are_not_retried_and_carry_the_servers_message():
         client(fake).score([""])
     assert info.value.status == 422 and info.value.type == "invalid_request"
     assert len(fake.calls) == 1
+
+
+def test_a_500_is_retried_once_and_a_repeated_500_fails_fast_with_the_servers_message():
+    error = httpx.Response(500, json={"error": {"type": "inference_error", "message": "worker died"}})
+    fake = FakeReward(error)
+    assert client(fake).score(["ab"]) == [2.0]
+    assert len(fake.calls) == 2
+    fake = FakeReward(error, error, error)
+    with pytest.raises(ServiceError, match="worker died") as info:
+        client(fake).score(["ab"])
+    assert info.value.status == 500 and len(fake.calls) == 2
+
+
+def test_every_retry_shares_one_deadline():
+    fake = FakeReward(*[httpx.Response(503, headers={"Retry-After": "0.2"})] * 100)
+    policy = RetryPolicy(deadline_s=1.0, backoff_base=0.01)
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="503") as info:
+        client(fake, retry=policy).score(["a"])
+    elapsed = time.monotonic() - started
+    assert 0.6 <= elapsed <= 1.0  # Retry-After honoured, and no attempt starts past the deadline
+    assert 3 <= len(fake.calls) <= 6 and info.value.status == 503
+
+
+def test_retry_after_is_honoured_up_to_a_cap():
+    policy = RetryPolicy(backoff_base=0.01, retry_after_max=2.0)
+    assert policy.delay(0, retry_after=1.5) == 1.5
+    assert policy.delay(0, retry_after=3600) == 2.0
 
 
 def test_gives_up_after_max_retries():
