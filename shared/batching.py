@@ -1,4 +1,4 @@
-"""Dynamic batching: items in, futures out. Knows nothing of HTTP or torch (DESIGN.md, style 1).
+"""Dynamic batching: items in, futures out. Knows nothing of HTTP or torch.
 
 One worker task per batcher forms batches from the waiting items and runs `process(batch)` in a worker thread, so
 the event loop keeps accepting requests while a batch computes; the next batch forms meanwhile.

@@ -9,7 +9,7 @@ def configure_torch(threads: int) -> None:
     """Pin torch's intra-op thread count.
 
     An unpinned torch takes every core; with another busy process on a 2-core machine small models then ran 100x
-    slower (DESIGN.md, measured facts). Every service, test and benchmark calls this once at start.
+    slower. Every service, test and benchmark calls this once at start.
     """
     import torch
 

@@ -25,7 +25,7 @@ def test_report_meets_the_kit_targets(tiny_kit):
     assert report["sentiment_3_heldout_accuracy"] >= 0.95
     # Room for reinforcement learning to move: neither already positive nor hopelessly negative.
     assert 0.2 <= report["policy_positive_fraction"] <= 0.8
-    # Bare prompts are neutral, so stopping at once earns nothing (DESIGN.md pitfall).
+    # Bare prompts are neutral, so stopping at once earns nothing.
     assert 0.35 <= report["prompt_mean_positive_score"] <= 0.65
 
 
