@@ -37,8 +37,8 @@ def body_cases(path: str) -> list[tuple[str, bytes | dict, set[int]]]:
         ("texts is a string", {"texts": "a"}, {422}),
         ("texts missing", {}, {422}),
         ("unknown field", {"texts": ["a"], "temperature": 1}, {422}),
-        ("lone surrogate", '{"texts": ["ok \\ud800 text"]}'.encode(), {422}),
-        ("lone low surrogate in label", '{"texts": ["a"], "label": "\\udfff"}'.encode(), {422}),
+        ("lone surrogate", b'{"texts": ["ok \\ud800 text"]}', {422}),
+        ("lone low surrogate in label", b'{"texts": ["a"], "label": "\\udfff"}', {422}),
         ("unknown model", {"texts": ["a"], "model": "nope"}, {404}),
         ("unknown label", {"texts": ["a"], "label": "JOY"}, {422, 200} if path == "/v1/classify" else {422}),
         ("model is a number", {"texts": ["a"], "model": 3}, {422}),
@@ -89,8 +89,8 @@ def test_scoring_endpoints_answer_every_hostile_body_with_a_4xx(server, path):
 def test_transport_level_abuse_is_refused_cleanly(server):
     url = server.url + "/v1/score"
     cases = [
-        ("wrong content type", lambda: httpx.post(url, content=b'{"texts":["a"]}', headers={"content-type": "text/plain"}),
-         {415}),
+        ("wrong content type",
+         lambda: httpx.post(url, content=b'{"texts":["a"]}', headers={"content-type": "text/plain"}), {415}),
         ("form body", lambda: httpx.post(url, data={"texts": "a"}), {415}),
         ("body past the limit", lambda: httpx.post(url, content=b"x" * (5 << 20), headers=JSON), {413}),
         ("chunked body past the limit",
@@ -153,7 +153,7 @@ def test_model_admin_refuses_every_hostile_request(server, tiny_kit, tmp_path):
             ("hub id with hub off", "x", {"source": "bert-base-uncased"}, {403}),
             ("home dir", "x", {"source": "~root"}, {403}),
             ("NUL byte", "x", {"source": "/models/a\x00b"}, {403}),
-            ("lone surrogate source", "x", '{"source": "\\ud800"}'.encode(), {422}),
+            ("lone surrogate source", "x", b'{"source": "\\ud800"}', {422}),
             ("not a classifier", "x", {"source": str(tiny_kit / "tiny-gpt2")}, {422}),
             ("missing in the folder", "x", {"source": str(tiny_kit / "nothing-here")}, {422}),
             ("unknown label", "x", {"source": str(tiny_kit / "tiny-sentiment"), "label": "JOY"}, {422}),
