@@ -227,29 +227,33 @@ class Batcher(Generic[T, R]):
             self._waiting = [p for p in self._waiting if not p.future.done()]
             if not self._waiting:
                 continue
-            batch = self._batch = self._take_batch()
-            self._in_flight = len(batch)
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch of {len(batch)} items produced {len(results)} results")
-                error = None
-            except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
-                results, error = None, exc
-            finished = time.perf_counter()
-            self._in_flight, self._batch = 0, []
-            for i, p in enumerate(batch):
-                if p.future.done():
-                    continue
-                if error is not None:
-                    p.future.set_exception(error)
-                else:
-                    p.future.set_result((results[i], (started, finished)))
-            if self._on_batch is not None:
-                costs = [p.cost for p in batch]
-                self._on_batch(BatchStats(len(batch), sum(costs), len(batch) * max(costs), finished - started,
-                                          error is not None))
+            await self._compute(loop, self._take_batch())
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
+        """Run one batch and settle its futures. A method of its own so that nothing of the batch (its items hold
+        models) stays referenced while the worker waits for the next one."""
+        self._batch, self._in_flight = batch, len(batch)
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} items produced {len(results)} results")
+            error = None
+        except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
+            results, error = None, exc
+        finished = time.perf_counter()
+        self._in_flight, self._batch = 0, []
+        for i, p in enumerate(batch):
+            if p.future.done():
+                continue
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result((results[i], (started, finished)))
+        if self._on_batch is not None:
+            costs = [p.cost for p in batch]
+            self._on_batch(BatchStats(len(batch), sum(costs), len(batch) * max(costs), finished - started,
+                                      error is not None))
 
     async def close(self) -> None:
         """Stop taking items, finish every item already queued, then stop the worker."""

@@ -1,4 +1,4 @@
-"""Request and response bodies: the only contract between the services (DESIGN.md, contracts v1).
+"""Request and response bodies: the only contract between the services (contracts v1).
 
 Fields may be added; none may be renamed or removed.
 """
@@ -102,19 +102,38 @@ class ModelList(BaseModel):
 
 # -- generator service ----------------------------------------------------------------------------------------------
 
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+CheckpointName = Annotated[Text, Field(max_length=256)]
+
+
+def _bounded_stops(stop: str | list[str] | None) -> str | list[str] | None:
+    """Stop strings are searched in every completion: their number and length are bounded."""
+    many = [stop] if isinstance(stop, str) else stop or []
+    if len(many) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in many):
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, each at most {MAX_STOP_CHARS} characters")
+    return stop
+
+
+StopList = Annotated[list[Text], AfterValidator(_bounded_stops)]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[Text] = Field(min_length=1, description="Prompts to continue.")
-    checkpoint: Text = Field("latest", description="`base`, `latest` (newest complete) or `<run>/step-<N>`.")
+    checkpoint: CheckpointName = Field("latest", description="`base`, `latest` (newest complete) or "
+                                       "`<run>/step-<N>`.")
     max_new_tokens: int = Field(40, ge=1, description="Most tokens to add per completion.")
     do_sample: bool = Field(True, description="Sample (true) or greedy decode (false).")
-    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature when sampling.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature when sampling (below 1e-5: "
+                               "greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: off).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed and parameters: the same text.")
     num_return_sequences: int = Field(1, ge=1, description="Completions per prompt.")
-    stop: list[Text] = Field(default_factory=list, max_length=8, description="Cut at the first of these.")
+    stop: StopList = Field(default_factory=list, description="Cut at the first of these (at most 8, each at most "
+                           "256 characters).")
 
 
 class GeneratedText(BaseModel):
@@ -153,14 +172,14 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-    model: Text = "latest"
+    model: CheckpointName = "latest"
     prompt: Text | list[Text] = ""
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5): greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Text | list[Text] | None = None
+    stop: Annotated[Text | list[Text] | None, AfterValidator(_bounded_stops)] = None
     stream: bool = False
     echo: bool = False
     logprobs: int | None = None

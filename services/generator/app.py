@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from services.generator.checkpoints import CheckpointStore
 from services.generator.engine import GenerationItem, generate_batch
-from services.generator.routes import GeneratorMetrics, build_router
+from services.generator.routes import GeneratorMetrics, Streams, build_router
 from services.generator.settings import GeneratorSettings
 from shared.batching import Batcher
 from shared.runtime import resolve_device
@@ -18,26 +18,26 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: GeneratorSettings) -> FastAPI:
-    async def load_base() -> None:
-        await store.load_base()
-        metrics.loaded.set(len(store.loaded_names))
-
     async def shutdown() -> None:
+        streams.close()
         await batcher.close()
 
-    loading = BackgroundLoad("the base model", load_base)
+    loading = BackgroundLoad("the base model", lambda: store.load_base())
     lifespan = loading.lifespan(settings.torch_threads, shutdown)
     app = create_service_app(title="Generator service", namespace="generator",
                              max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     metrics = GeneratorMetrics(app.state.registry)
     store = CheckpointStore(settings.model, settings.checkpoints, resolve_device(settings.device),
-                            settings.max_loaded_checkpoints, settings.revision)
+                            settings.max_loaded_checkpoints, settings.revision, settings.max_concurrent_loads)
     b = settings.batching
     batcher: Batcher[GenerationItem, list] = Batcher(
         generate_batch, cost=GenerationItem.cost, key=GenerationItem.batch_key, max_batch_size=b.max_batch_size,
         max_batch_tokens=b.max_batch_tokens, max_wait_ms=b.max_wait_ms, max_queue_size=b.max_queue_size,
         on_batch=metrics.observe_batch)
-    app.state.store, app.state.batcher, app.state.settings = store, batcher, settings
-    add_operational_routes(app, app.state.registry, lambda: loading.not_ready)
-    app.include_router(build_router(settings, store, batcher, metrics))
+    streams = Streams(b.max_streams)
+    app.state.store, app.state.batcher, app.state.streams, app.state.settings = store, batcher, streams, settings
+    app.state.before_scrape.append(lambda: metrics.loaded.set(store.resident))
+    # Ready once the base model is in memory and while the batch worker lives (it restarts by itself).
+    add_operational_routes(app, app.state.registry, lambda: loading.not_ready or batcher.worker_error)
+    app.include_router(build_router(settings, store, batcher, metrics, lambda: loading.not_ready, streams))
     return app

@@ -13,12 +13,17 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from services.generator.checkpoints import LoadedPolicy
 
 _request_ids = itertools.count()
+GREEDY_BELOW = 1e-5  # a lower temperature is greedy decoding (as in vLLM): dividing logits by it overflows
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or +inf logits: its weights are broken, nothing a request can fix."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,15 @@ class Completion:
     tokens: int  # completion tokens, the EOS not counted
 
 
+def sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+                    num_return_sequences: int, stop: tuple[str, ...], do_sample: bool = True) -> SamplingParams:
+    """Greedy when asked or when the temperature is too small to divide by; greedy ignores the sampling knobs (and
+    the seed), so every greedy request with the same length and stops can share a batch."""
+    if not do_sample or temperature < GREEDY_BELOW:
+        return SamplingParams(max_new_tokens, False, 1.0, 1.0, 0, None, num_return_sequences, stop)
+    return SamplingParams(max_new_tokens, True, temperature, top_p, top_k, seed, num_return_sequences, stop)
+
+
 def new_request_id() -> int:
     return next(_request_ids)
 
@@ -107,22 +121,37 @@ def _padded(policy: LoadedPolicy, prompts: list[list[int]]) -> tuple[torch.Tenso
 _generate_lock = threading.Lock()  # seeding and sampling must not interleave between two generate calls
 
 
+class _RefuseNonFinite(LogitsProcessor):
+    """Fails the call on NaN or +inf logits (sampling would crash on them, greedy would emit garbage); -inf is fine:
+    top-k and top-p mask tokens with it."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not bool(scores.max() < float("inf")):  # max is NaN when any score is
+            raise NonFiniteOutputError("the model produced non-finite logits (NaN or inf); its weights are likely "
+                                       "corrupt")
+        return scores
+
+
+def _common_kwargs(policy: LoadedPolicy, params: SamplingParams) -> dict:
+    return {"max_new_tokens": params.max_new_tokens, "pad_token_id": policy.tokenizer.pad_token_id,
+            "eos_token_id": policy.tokenizer.eos_token_id,
+            "logits_processor": LogitsProcessorList([_RefuseNonFinite()]), **params.generate_kwargs()}
+
+
 @torch.inference_mode()
 def generate_batch(items: list[GenerationItem]) -> list[list[Completion]]:
     """Run one generate call for items that share a batch key; per item, its `num_return_sequences` completions."""
     policy, params = items[0].policy, items[0].params
     ids, mask = _padded(policy, [it.prompt_ids for it in items])
     n = params.num_return_sequences
+    draws = n if params.do_sample else 1  # greedy choices are all the same: decode once, copy
     with _generate_lock:
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        out = policy.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, num_return_sequences=n,
-            pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=policy.tokenizer.eos_token_id,
-            **params.generate_kwargs(),
-        )  # (B * n, T + new)
+        out = policy.model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=draws,
+                                    **_common_kwargs(policy, params))  # (B * draws, T + new)
     new = out[:, ids.shape[1]:].tolist()
-    return [[_finish(policy, new[i * n + j], params.stop) for j in range(n)] for i in range(len(items))]
+    return [[_finish(policy, new[i * draws + j % draws], params.stop) for j in range(n)] for i in range(len(items))]
 
 
 class _CallbackStreamer(BaseStreamer):
@@ -158,11 +187,11 @@ def generate_streaming(item: GenerationItem, on_token: Callable[[int], None], sh
     with _generate_lock:
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        if should_stop():  # abandoned while waiting for the lock
+            return
         policy.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-            pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=policy.tokenizer.eos_token_id,
-            streamer=_CallbackStreamer(on_token), stopping_criteria=StoppingCriteriaList([_WhenAsked(should_stop)]),
-            **params.generate_kwargs(),
+            input_ids=ids, attention_mask=mask, streamer=_CallbackStreamer(on_token),
+            stopping_criteria=StoppingCriteriaList([_WhenAsked(should_stop)]), **_common_kwargs(policy, params),
         )
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -20,6 +22,7 @@ from services.generator.checkpoints import (
     CheckpointInvalidError,
     CheckpointNotFoundError,
     CheckpointStore,
+    LoadCapacityError,
     LoadedPolicy,
     NotReadyError,
 )
@@ -30,10 +33,11 @@ from services.generator.engine import (
     finish_stream,
     generate_streaming,
     new_request_id,
+    sampling_params,
     tokenize_prompts,
 )
 from services.generator.settings import GeneratorSettings
-from shared.batching import Batcher, BatchStats, BatchTimeoutError, QueueFullError
+from shared.batching import Batcher, BatchStats
 from shared.schemas import (
     CheckpointEntry,
     CheckpointList,
@@ -43,21 +47,23 @@ from shared.schemas import (
     GenerateRequest,
     GenerateResponse,
 )
-from shared.server import ApiError, bearer_guard
+from shared.server import ApiError, batcher_errors, bearer_guard, request_id
 
 log = logging.getLogger(__name__)
+RETRY = {"Retry-After": "1"}
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 500, 503)}
 
 
 class GeneratorMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.tokens = Counter("generator_tokens_generated_total", "Completion tokens generated", registry=registry)
+        self.tokens = Counter("generator_tokens_generated_total", "Completion tokens generated (streams: each token "
+                              "as the model makes it, read or not)", registry=registry)
         self.batch_size = Histogram("generator_batch_size", "Sequences per generate call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
         self.batch_seconds = Histogram("generator_batch_seconds", "Seconds per generate call",
                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
-        self.loaded = Gauge("generator_loaded_checkpoints", "Checkpoints in memory (base included)",
-                            registry=registry)
+        self.loaded = Gauge("generator_loaded_checkpoints", "Models in memory (base, loaded, evicted but in use, "
+                            "loading)", registry=registry)
 
     def observe_batch(self, stats: BatchStats) -> None:
         if not stats.failed:
@@ -65,23 +71,56 @@ class GeneratorMetrics:
             self.batch_seconds.observe(stats.seconds)
 
 
+class Streams:
+    """Admission for streamed sequences, which bypass the batcher: at most `limit` in flight (429 beyond), none once
+    closed (503). Their generate calls run one at a time on a thread of their own (they take turns with batches on
+    the model anyway), so waiting streams hold no thread the event loop needs."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.closed = limit, 0, False
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream")
+
+    @contextmanager
+    def hold(self, count: int) -> Iterator[None]:
+        if self.closed:
+            raise ApiError(503, "unavailable", "the service is shutting down; retry", RETRY)
+        if self.used + count > self.limit:
+            raise ApiError(429, "overloaded", f"{self.used} of {self.limit} streamed sequences in flight; retry "
+                           "later", RETRY)
+        self.used += count
+        try:
+            yield
+        finally:
+            self.used -= count
+
+    def close(self) -> None:
+        self.closed = True
+        self.executor.shutdown(wait=False)
+
+
 def build_router(settings: GeneratorSettings, store: CheckpointStore,
-                 batcher: Batcher[GenerationItem, list[Completion]], metrics: GeneratorMetrics) -> APIRouter:
-    router = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(bearer_guard(lambda: settings.api_key))])
+                 batcher: Batcher[GenerationItem, list[Completion]], metrics: GeneratorMetrics,
+                 not_ready: Callable[[], str | None], streams: Streams) -> APIRouter:
+    def ready() -> None:  # while the base model loads every route says 503, never 404 for a checkpoint
+        if (reason := not_ready()) is not None:
+            raise ApiError(503, "unavailable", f"{reason}; retry", RETRY)
+
+    guards = [Depends(bearer_guard(lambda: settings.api_key)), Depends(ready)]
+    router = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=guards)
 
     async def policy_for(checkpoint: str) -> LoadedPolicy:
         try:
-            policy = await store.get(checkpoint)
+            return await store.get(checkpoint)
         except CheckpointNotFoundError as exc:
             raise ApiError(404, "checkpoint_not_found", str(exc)) from None
         except CheckpointInvalidError as exc:
             raise ApiError(409, "checkpoint_invalid", str(exc)) from None
+        except LoadCapacityError as exc:
+            raise ApiError(429, "overloaded", str(exc), RETRY) from None
         except NotReadyError as exc:
-            raise ApiError(503, "unavailable", str(exc), {"Retry-After": "1"}) from None
-        metrics.loaded.set(len(store.loaded_names))
-        return policy
+            raise ApiError(503, "unavailable", str(exc), RETRY) from None
 
-    def check_limits(prompts: list[str], params: SamplingParams) -> None:
+    def check_limits(prompts: list[str], params: SamplingParams, stream: bool = False) -> None:
         if len(prompts) > settings.max_prompts_per_request:
             raise ApiError(413, "payload_too_large", f"{len(prompts)} prompts in one request; the limit is "
                            f"{settings.max_prompts_per_request}")
@@ -91,9 +130,10 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
         if params.num_return_sequences > settings.max_num_return_sequences:
             raise ApiError(422, "invalid_request", f"num_return_sequences {params.num_return_sequences} exceeds "
                            f"the limit {settings.max_num_return_sequences}")
-        if len(prompts) * params.num_return_sequences > settings.batching.max_queue_size:
-            raise ApiError(413, "payload_too_large", "prompts x num_return_sequences exceeds the queue size "
-                           f"{settings.batching.max_queue_size}")
+        bound, what = ((settings.batching.max_streams, "streamed sequences") if stream
+                       else (settings.batching.max_queue_size, "the queue size"))
+        if len(prompts) * params.num_return_sequences > bound:
+            raise ApiError(413, "payload_too_large", f"prompts x num_return_sequences exceeds {what} {bound}")
         for i, prompt in enumerate(prompts):
             if len(prompt) > 20 * settings.max_prompt_tokens:  # no tokenizer needed to refuse a novel
                 raise ApiError(413, "payload_too_large", f"prompts[{i}] is far longer than "
@@ -101,7 +141,7 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
 
     def prepare(policy: LoadedPolicy, prompts: list[str], params: SamplingParams) -> list[GenerationItem]:
         ids = tokenize_prompts(policy, prompts)
-        request_id = new_request_id()
+        rid = new_request_id()
         for i, seq in enumerate(ids):
             if len(seq) > settings.max_prompt_tokens:
                 raise ApiError(413, "payload_too_large", f"prompts[{i}] has {len(seq)} tokens; the limit is "
@@ -109,26 +149,19 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
             if len(seq) + params.max_new_tokens > policy.max_positions:
                 raise ApiError(422, "invalid_request", f"prompts[{i}] ({len(seq)} tokens) + max_new_tokens "
                                f"{params.max_new_tokens} exceeds the model's context of {policy.max_positions}")
-        return [GenerationItem(policy, p, seq, params, request_id) for p, seq in zip(prompts, ids)]
+        return [GenerationItem(policy, p, seq, params, rid) for p, seq in zip(prompts, ids)]
 
     async def run(items: list[GenerationItem]) -> list[list[Completion]]:
-        try:
+        with batcher_errors():
             results, _ = await batcher.submit(items, timeout=settings.batching.request_timeout_s)
-        except QueueFullError as exc:
-            raise ApiError(429, "overloaded", str(exc), {"Retry-After": "1"}) from None
-        except BatchTimeoutError as exc:
-            raise ApiError(503, "timeout", str(exc), {"Retry-After": "1"}) from None
-        except Exception as exc:
-            log.exception("generation failed")
-            raise ApiError(500, "generation_error", f"generation failed: {type(exc).__name__}: {exc}") from None
         metrics.tokens.inc(sum(c.tokens for per_prompt in results for c in per_prompt))
         return results
 
     @router.post("/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest) -> GenerateResponse:
         """Continue each prompt with the chosen checkpoint."""
-        params = SamplingParams(req.max_new_tokens, req.do_sample, req.temperature, req.top_p, req.top_k, req.seed,
-                                req.num_return_sequences, tuple(req.stop))
+        params = sampling_params(req.max_new_tokens, req.temperature, req.top_p, req.top_k, req.seed,
+                                 req.num_return_sequences, tuple(req.stop), req.do_sample)
         check_limits(req.prompts, params)
         policy = await policy_for(req.checkpoint)
         results = await run(prepare(policy, req.prompts, params))
@@ -145,11 +178,10 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
         found = await asyncio.to_thread(store.listing)
         valid = [c for c in found if c.valid]
         latest = valid[-1].name if valid else BASE
-        loaded = set(store.loaded_names)
         entries = [CheckpointEntry(name=BASE, run=None, step=None, time=None, metrics={}, valid=True, error=None,
-                                   loaded=BASE in loaded, latest=latest == BASE)]
+                                   loaded=store.base is not None, latest=latest == BASE)]
         entries += [CheckpointEntry(name=c.name, run=c.run, step=c.step, time=c.time, metrics=c.metrics,
-                                    valid=c.valid, error=c.error, loaded=c.name in loaded, latest=c.name == latest)
+                                    valid=c.valid, error=c.error, loaded=store.is_loaded(c), latest=c.name == latest)
                     for c in found]
         return CheckpointList(checkpoints=entries)
 
@@ -162,16 +194,18 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
         if not prompts:
             raise ApiError(422, "invalid_request", "prompt must not be an empty list")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        params = SamplingParams(req.max_tokens, req.temperature > 0, req.temperature or 1.0, req.top_p, 0, req.seed,
-                                req.n, stop)
-        check_limits(prompts, params)
+        params = sampling_params(req.max_tokens, req.temperature, req.top_p, 0, req.seed, req.n, stop)
+        check_limits(prompts, params, req.stream)
         policy = await policy_for(req.model)
         items = prepare(policy, prompts, params)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": policy.name}
         if req.stream:
-            return StreamingResponse(_sse(stream_choices(items, req.n, request), meta),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            chunks = stream_choices(items, req.n, request)
+            with batcher_errors():  # admission (429, 503) and a model failing at once answer before the stream
+                first = await anext(chunks)
+            return StreamingResponse(_sse(first, chunks, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         results = await run(items)
         choices, used = [], 0
         for i, (item, per_prompt) in enumerate(zip(items, results)):
@@ -185,37 +219,53 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
                                                       "total_tokens": prompt_tokens + used}}
 
     async def stream_choices(items: list[GenerationItem], n: int, request: Request) -> AsyncIterator[dict]:
-        """Each (prompt, choice) in turn, token by token; stops generating when the client goes away."""
+        """Each (prompt, choice) in turn, token by token, within the stream admission bound."""
+        with streams.hold(len(items) * n):
+            for i, item in enumerate(items):
+                for j in range(n):
+                    async for chunk in stream_one(_choice(item, j), i * n + j, request):
+                        yield chunk
+
+    async def stream_one(item: GenerationItem, index: int, request: Request) -> AsyncIterator[dict]:
+        """One sequence as text deltas; generation stops within a token once the client is gone."""
         loop = asyncio.get_running_loop()
-        for i, item in enumerate(items):
-            for j in range(n):
-                params = item.params
-                seed = None if params.seed is None else params.seed + j
-                one = GenerationItem(item.policy, item.prompt, item.prompt_ids,
-                                     SamplingParams(params.max_new_tokens, params.do_sample, params.temperature,
-                                                    params.top_p, params.top_k, seed, 1, params.stop),
-                                     item.request_id)
-                queue: asyncio.Queue[int | None] = asyncio.Queue()
-                halt = threading.Event()
-                push = functools.partial(loop.call_soon_threadsafe, queue.put_nowait)  # from the generate thread
-                job = loop.run_in_executor(None, _stream_job, one, push, functools.partial(push, None), halt.is_set)
-                ids: list[int] = []
-                sent = ""
-                while (token := await queue.get()) is not None:
-                    ids.append(token)
-                    done = finish_stream(one.policy, ids, params.stop)
-                    if done.finish_reason == "stop" or await request.is_disconnected():
-                        halt.set()  # the generate thread ends at its next token
-                    elif len(done.completion) > len(sent):
-                        yield {"text": done.completion[len(sent):], "index": i * n + j, "finish_reason": None}
-                        sent = done.completion
-                await job
-                final = finish_stream(one.policy, ids, params.stop)
-                metrics.tokens.inc(final.tokens)
-                tail = final.completion[len(sent):] if final.completion.startswith(sent) else ""
-                yield {"text": tail, "index": i * n + j, "finish_reason": final.finish_reason}
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+        halt = threading.Event()
+
+        def on_token(token: int) -> None:  # in the generate thread: counted as made, whether read or not
+            metrics.tokens.inc()
+            loop.call_soon_threadsafe(queue.put_nowait, token)
+
+        def on_end() -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        job = loop.run_in_executor(streams.executor, _stream_job, item, on_token, on_end, halt.is_set)
+        ids: list[int] = []
+        sent = ""
+        try:
+            while (token := await queue.get()) is not None:
+                ids.append(token)
+                done = finish_stream(item.policy, ids, item.params.stop)
+                if done.finish_reason == "stop" or await request.is_disconnected():
+                    halt.set()  # the generate thread ends at its next token
+                elif len(done.completion) > len(sent):
+                    yield {"text": done.completion[len(sent):], "index": index, "finish_reason": None}
+                    sent = done.completion
+            await job
+        finally:  # also when the response is cancelled (client gone) or closed: never generate for nobody
+            halt.set()
+        final = finish_stream(item.policy, ids, item.params.stop)
+        tail = final.completion[len(sent):] if final.completion.startswith(sent) else ""
+        yield {"text": tail, "index": index, "finish_reason": final.finish_reason}
 
     return router
+
+
+def _choice(item: GenerationItem, j: int) -> GenerationItem:
+    """Choice `j` of a streamed prompt: one sequence, seeded `seed + j` so that choices differ yet repeat."""
+    seed = None if item.params.seed is None else item.params.seed + j
+    params = dataclasses.replace(item.params, seed=seed, num_return_sequences=1)
+    return GenerationItem(item.policy, item.prompt, item.prompt_ids, params, item.request_id)
 
 
 def _stream_job(item: GenerationItem, on_token, on_end, should_stop) -> None:
@@ -225,11 +275,17 @@ def _stream_job(item: GenerationItem, on_token, on_end, should_stop) -> None:
         on_end()
 
 
-async def _sse(chunks: AsyncIterator[dict], meta: dict) -> AsyncIterator[bytes]:
+def _event(body: dict) -> bytes:
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+async def _sse(first: dict, rest: AsyncIterator[dict], meta: dict) -> AsyncIterator[bytes]:
+    yield _event({**meta, "choices": [{**first, "logprobs": None}]})
     try:
-        async for choice in chunks:
-            yield f"data: {json.dumps({**meta, 'choices': [{**choice, 'logprobs': None}]})}\n\n".encode()
+        async for choice in rest:
+            yield _event({**meta, "choices": [{**choice, "logprobs": None}]})
     except Exception as exc:  # headers are out: report in-band, as OpenAI does
-        log.exception("streaming failed")
-        yield f"data: {json.dumps({'error': {'type': 'generation_error', 'message': str(exc)}})}\n\n".encode()
+        log.exception("request %s: streaming failed", request_id.get())
+        yield _event({"error": {"type": "inference_error", "message": f"{type(exc).__name__}: {exc}",
+                                "request_id": request_id.get()}})
     yield b"data: [DONE]\n\n"

@@ -17,6 +17,8 @@ class GeneratorBatching(BaseModel):
                                "many are waiting as in recent batches).")
     max_queue_size: int = Field(1024, ge=1, description="Most sequences waiting; more -> 429 Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request not served by then gets 503.")
+    max_streams: int = Field(64, ge=1, description="Most streamed sequences (prompts x n) in flight; more -> 429 "
+                             "Retry-After (413 for one request asking for more).")
 
 
 class GeneratorSettings(ServiceSettings):
@@ -27,6 +29,9 @@ class GeneratorSettings(ServiceSettings):
     revision: str | None = Field(None, description="Hub revision of the base model.")
     checkpoints: Path | None = Field(None, description="Folder the trainer writes `<run>/step-<N>/` checkpoints to.")
     max_loaded_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in memory besides base (LRU).")
+    max_concurrent_loads: int = Field(1, ge=1, description="Checkpoints loading at once; a request needing another "
+                                      "-> 429 Retry-After. Memory holds at most base + max_loaded_checkpoints + "
+                                      "max_concurrent_loads models.")
     max_prompts_per_request: int = Field(64, ge=1, description="More prompts in one request -> 413.")
     max_prompt_tokens: int = Field(512, ge=1, description="A longer prompt -> 413.")
     max_new_tokens_limit: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask for.")
