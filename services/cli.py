@@ -40,6 +40,9 @@ def up_command(
     generator_port: Annotated[int, typer.Option(help="Generator service port.")] = 8001,
     trainer_port: Annotated[int, typer.Option(help="Trainer service port.")] = 8002,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Trainer config override (repeatable).")] = None,
+    stop_grace: Annotated[float | None, typer.Option(
+        "--stop-grace", envvar="RLHF_STOP_GRACE", min=0.1,
+        help="Seconds a stop gives the trainer to finish its iteration and save.")] = None,
 ) -> None:
     """The whole system as local processes: reward, generator and trainer; a report when training ends."""
     from services.launcher import presets, up
@@ -48,7 +51,7 @@ def up_command(
         typer.echo(f"error: unknown preset {preset!r}; choose tiny or imdb", err=True)
         raise typer.Exit(2)
     code = up(preset, runs.resolve(), logs.resolve(), (reward_port, generator_port, trainer_port), overrides or [],
-              echo=lambda line: typer.echo(line, err=line.startswith("error")))
+              echo=lambda line: typer.echo(line, err=line.startswith("error")), stop_grace=stop_grace)
     raise typer.Exit(code)
 
 

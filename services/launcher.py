@@ -18,7 +18,10 @@ from pathlib import Path
 
 import httpx
 
+from shared.checkpoints import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
+TRAINER_EXIT_MARGIN_S = 15.0  # after its save: the trainer's server shutdown and interpreter exit
 
 
 class LaunchError(RuntimeError):
@@ -50,6 +53,7 @@ class Service:
     port: int
     ready_path: str
     log: Path
+    stop_grace: float = 20.0  # seconds between SIGTERM and SIGKILL
     process: subprocess.Popen | None = None
 
     @property
@@ -70,7 +74,8 @@ class Supervisor:
             service.process = subprocess.Popen(service.argv, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.services.append(service)
-        (self.log_dir / "pids.json").write_text(json.dumps({s.name: s.process.pid for s in self.services}))
+        # atomically: whoever watches the file (a test, an operator's script) never reads it half-written
+        atomic_write_text(self.log_dir / "pids.json", json.dumps({s.name: s.process.pid for s in self.services}))
         return service
 
     def check_alive(self, allow_exit: str | None = None) -> None:
@@ -92,13 +97,13 @@ class Supervisor:
             time.sleep(0.3)
         raise LaunchError(f"the {service.name} service was not ready after {timeout:.0f} s; see {service.log}")
 
-    def stop_all(self, grace: float = 20.0) -> None:
+    def stop_all(self) -> None:
         """Stop the services one at a time, newest first: the trainer finishes its iteration and saves while the
-        reward service still answers. Each gets SIGTERM, then SIGKILL (its whole group) after `grace` seconds."""
+        reward service still answers. Each gets SIGTERM, then SIGKILL (its whole group) after its `stop_grace`."""
         for s in reversed(self.services):
             _signal_group(s.process, signal.SIGTERM)
             try:
-                s.process.wait(timeout=grace)
+                s.process.wait(timeout=s.stop_grace)
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(s.process, signal.SIGKILL)  # the group too: no grandchild outlives the launcher
@@ -124,9 +129,10 @@ def _rlhf(*args: str) -> list[str]:
 
 
 def up(preset_name: str, runs: Path, log_dir: Path, ports: tuple[int, int, int], overrides: list[str],
-       ready_timeout: float = 600.0, echo=print) -> int:
-    """Run the preset end to end; returns the process exit code (0: trained and reported)."""
-    from services.trainer.config import load_config
+       ready_timeout: float = 600.0, echo=print, stop_grace: float | None = None) -> int:
+    """Run the preset end to end; returns the process exit code (0: trained and reported). `stop_grace`: seconds a
+    stop lets the trainer finish its iteration and save (default: RLHF_STOP_GRACE, else DEFAULT_STOP_GRACE_S)."""
+    from services.trainer.config import load_config, stop_grace_s
     from services.trainer.data import tiny_kit_dir
 
     preset = presets(tiny_kit_dir())[preset_name]
@@ -139,6 +145,11 @@ def up(preset_name: str, runs: Path, log_dir: Path, ports: tuple[int, int, int],
     sets = [f"reward.url=http://127.0.0.1:{reward_port}", f"generator.url=http://127.0.0.1:{generator_port}",
             f"train.checkpoint_dir={runs}", *overrides]
     config = load_config(preset.config, sets)  # fails here, before anything starts, if the config is wrong
+    try:
+        grace = stop_grace_s(stop_grace)
+    except ValueError as exc:
+        echo(f"error: {exc}")
+        return 2
     log_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(log_dir)
     stop_reason: list[str] = []
@@ -162,8 +173,8 @@ def up(preset_name: str, runs: Path, log_dir: Path, ports: tuple[int, int, int],
             echo(f"{service.name} ready at {service.url} (log: {service.log})")
         trainer = supervisor.start(Service(
             "trainer", _rlhf("trainer", "serve", "--config", str(preset.config), "--port", str(trainer_port),
-                             "--exit-when-done", *[a for s in sets for a in ("--set", s)]),
-            trainer_port, "/healthz", log_dir / "trainer.log"))
+                             "--exit-when-done", "--stop-grace", str(grace), *[a for s in sets for a in ("--set", s)]),
+            trainer_port, "/healthz", log_dir / "trainer.log", stop_grace=grace + TRAINER_EXIT_MARGIN_S))
         supervisor.wait_ready(trainer, ready_timeout)
         echo(f"trainer running at {trainer.url}/v1/status (log: {trainer.log})")
         while trainer.process.poll() is None:
@@ -185,6 +196,8 @@ def up(preset_name: str, runs: Path, log_dir: Path, ports: tuple[int, int, int],
         echo(f"stopping on {stop_reason[0] if stop_reason else 'interrupt'}: the trainer saves a checkpoint first")
         return 130
     finally:
+        for sig in previous:  # a second Ctrl-C must not cut the trainer's save short
+            signal.signal(sig, lambda *_: echo(f"already stopping: the trainer may take up to {grace:.0f} s to save"))
         supervisor.stop_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

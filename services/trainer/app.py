@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from prometheus_client import Gauge
 
-from services.trainer.config import TrainerConfig
+from services.trainer.config import DEFAULT_STOP_GRACE_S, TrainerConfig
 from services.trainer.run import train
 from services.trainer.tracking import TrainingStatus
 from shared.server import add_operational_routes, bearer_guard, create_service_app
@@ -18,14 +18,15 @@ from shared.server import add_operational_routes, bearer_guard, create_service_a
 log = logging.getLogger(__name__)
 
 
-def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None) -> FastAPI:
+def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None,
+               stop_grace_s: float = DEFAULT_STOP_GRACE_S) -> FastAPI:
+    """`stop_grace_s`: how long a shutdown waits for the job to finish its iteration and save (as `rlhf up` does)."""
     status = TrainingStatus(total=config.train.total_steps)
-    history: list[dict] = []
     done = threading.Event()
 
     def run() -> None:
         try:
-            train(config, reward_fn=reward_fn, status=status, on_step=history.append)
+            train(config, reward_fn=reward_fn, status=status)
         except Exception:  # noqa: BLE001 - recorded in status (state failed, error) and logged by train()
             pass
         finally:
@@ -37,7 +38,10 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
         thread.start()
         yield
         status.stop_requested.set()  # a shutdown saves a checkpoint, as POST /v1/stop does
-        await asyncio.to_thread(thread.join, 300)
+        await asyncio.to_thread(thread.join, stop_grace_s)
+        if thread.is_alive():
+            log.error("the job did not save within %g s of the shutdown; the next start resumes from the last "
+                      "checkpoint", stop_grace_s)
 
     app = create_service_app(title="Trainer service", namespace="trainer", max_body_bytes=1024 * 1024,
                              lifespan=lifespan)
@@ -67,8 +71,9 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
 
     @app.get("/v1/metrics", dependencies=guard)
     async def get_metrics(since: int = 0) -> dict:
-        """Per-iteration metrics (the lines of metrics.jsonl) from step `since` on."""
-        return {"history": [h for h in history if h["step"] >= since]}
+        """The run's metrics (the lines of metrics.jsonl: rollouts and evals, from before a resume too) from step
+        `since` on."""
+        return {"history": [h for h in list(status.history) if h["step"] >= since]}
 
     @app.post("/v1/stop", dependencies=guard)
     async def stop() -> dict:

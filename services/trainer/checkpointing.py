@@ -1,19 +1,27 @@
 """Training checkpoints in the shared layout, plus what resuming needs (optimizer, scheduler, KL controller, RNG,
-data position), the `best` pointer and retention."""
+data position), the `best` pointer and retention.
+
+The trainer state is loaded with `weights_only=True`: a checkpoints volume is shared with other services, so a file
+there must never run code when loaded. Everything saved is therefore tensors, numbers, strings, lists and dicts.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import logging
 from pathlib import Path
 
 import torch
 
-from shared.checkpoints import scan_checkpoints, write_checkpoint
+from shared.checkpoints import CheckpointInfo, atomic_write_text, remove_checkpoint, scan_checkpoints, write_checkpoint
 
+log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 BEST = "best.json"
+
+
+class TrainerStateError(ValueError):
+    """A trainer_state.pt that cannot be trusted or used."""
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, state: dict, metrics: dict, config: dict) -> Path:
@@ -27,27 +35,46 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, state: dict, me
     return write_checkpoint(run_dir.parent, run_dir.name, step, save, metrics=metrics, config=config)
 
 
-def latest_resumable(run_dir: Path) -> Path | None:
-    """The newest valid checkpoint of this run that carries trainer state."""
-    found = [c for c in scan_checkpoints(run_dir.parent) if c.run == run_dir.name and c.valid
-             and (c.path / TRAINER_STATE).is_file()]
-    return max(found, key=lambda c: c.step).path if found else None
+def resume_candidates(run_dir: Path) -> list[CheckpointInfo]:
+    """This run's complete checkpoints, newest first, the invalid ones included (so that skipping them is said)."""
+    return sorted((c for c in scan_checkpoints(run_dir.parent) if c.run == run_dir.name), key=lambda c: c.step,
+                  reverse=True)
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False)
+    """The trainer state of `checkpoint`; TrainerStateError when it is missing, unreadable, refused by the
+    weights-only unpickler (it would run code) or not shaped like a trainer state."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainerStateError(f"{TRAINER_STATE} is missing") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise TrainerStateError(f"{TRAINER_STATE} refused or unreadable ({type(exc).__name__}: {first_line})") \
+            from None
+    if not (isinstance(state, dict) and isinstance(state.get("shared"), dict) and isinstance(state.get("ranks"), list)
+            and state["ranks"]):
+        raise TrainerStateError(f"{TRAINER_STATE} is not a trainer state (no shared and per-rank parts)")
+    return state
+
+
+def _read_best(run_dir: Path) -> dict | None:
+    """best.json, or None when absent or unreadable (then the next checkpoint with a metric becomes best)."""
+    try:
+        best = json.loads((run_dir / BEST).read_text())
+        return best if isinstance(best, dict) and {"checkpoint", "value"} <= best.keys() else None
+    except (OSError, ValueError):
+        return None
 
 
 def update_best(run_dir: Path, checkpoint: Path, metric: str, value: float | None) -> str | None:
     """Point `best.json` at `checkpoint` if its `metric` beats the current best; returns the best's name."""
-    best_file = run_dir / BEST
-    current = json.loads(best_file.read_text()) if best_file.exists() else None
+    current = _read_best(run_dir)
     name = f"{run_dir.name}/{checkpoint.name}"
     if value is not None and (current is None or value > current["value"]
                               or not (run_dir / current["checkpoint"].split("/")[-1]).exists()):
-        tmp = best_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"checkpoint": name, "metric": metric, "value": value}))
-        os.replace(tmp, best_file)
+        atomic_write_text(run_dir / BEST, json.dumps({"checkpoint": name, "metric": metric, "value": value}))
         return name
     return current["checkpoint"] if current else None
 
@@ -56,9 +83,12 @@ def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints of the run, and the best one (keep 0: keep all)."""
     if keep <= 0:
         return
-    best_file = run_dir / BEST
-    best = json.loads(best_file.read_text())["checkpoint"].split("/")[-1] if best_file.exists() else None
+    best = _read_best(run_dir)
+    best_dir = best["checkpoint"].split("/")[-1] if best else None
     steps = sorted((c for c in scan_checkpoints(run_dir.parent) if c.run == run_dir.name), key=lambda c: c.step)
     for c in steps[:-keep]:
-        if c.path.name != best:
-            shutil.rmtree(c.path, ignore_errors=True)
+        if c.path.name != best_dir:
+            try:
+                remove_checkpoint(c.path)
+            except OSError as exc:  # retention is housekeeping: it must never stop a run
+                log.warning("could not remove old checkpoint %s: %s", c.name, exc)

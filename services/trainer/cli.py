@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 
+from services.trainer.config import DEFAULT_STOP_GRACE_S
+
 app = typer.Typer(help="The PPO trainer.", no_args_is_help=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", help="Trainer YAML (see configs/).")]
@@ -68,16 +70,21 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8002,
     api_key: Annotated[Optional[str], typer.Option(envvar="TRAINER_API_KEY", help="Bearer key for /v1.")] = None,
     exit_when_done: Annotated[bool, typer.Option(help="Stop serving when the job ends.")] = False,
+    stop_grace: Annotated[Optional[float], typer.Option(
+        "--stop-grace", envvar="RLHF_STOP_GRACE", min=0.1,
+        help=f"Seconds a shutdown waits for the job to finish its iteration and save (default "
+             f"{DEFAULT_STOP_GRACE_S:g}).")] = None,
 ) -> None:
     """Run the job and serve GET /v1/status, GET /v1/metrics, POST /v1/stop, /healthz, /readyz, /metrics."""
     import uvicorn
 
     from services.trainer.app import create_app
+    from services.trainer.config import stop_grace_s
 
     cfg = _load(config, overrides)
     _logging()
     _ensure_tiny_kit(cfg)
-    application = create_app(cfg, api_key=api_key)
+    application = create_app(cfg, api_key=api_key, stop_grace_s=stop_grace_s(stop_grace))
     server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info"))
     if not exit_when_done:
         server.run()

@@ -7,9 +7,11 @@ comes from `reward_fn` (the reward service in production, a fake in tests).
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -303,8 +305,7 @@ class PPOTrainer:
             "running": self.running.state_dict(),
             "ref_std": self.ref_std,
             "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                    if torch.cuda.is_available() else None},
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -316,7 +317,27 @@ class PPOTrainer:
         self.running.load_state_dict(state["running"])
         self.ref_std = state["ref_std"]
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
+
+
+def rng_state() -> dict:
+    """Every generator's state as tensors and numbers, so that it loads with `torch.load(weights_only=True)`."""
+    _, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": {"mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "python" in state:  # absent in checkpoints written before it was saved
+        random.setstate((3, tuple(state["python"]["mt"].tolist()), state["python"]["gauss"]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
 

@@ -41,7 +41,7 @@ def load_policy_and_tokenizer(path: str, revision: str | None = None, tokenizer_
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = load_pretrained(AutoModelForCausalLM, path, revision=revision)
-    model.eval()  # dropout off for good: sampling, scoring and updates all see the same policy (DESIGN pitfall)
+    model.eval()  # dropout off for good: sampling, scoring and updates all see the same policy
     return model, tokenizer
 
 

@@ -60,8 +60,10 @@ def wait_for_reward_service(url: str, deadline_s: float, on_wait: Callable[[str]
 
 
 def remote_reward_fn(cfg: RewardConfig) -> RemoteRewardFn:
-    """The reward function that calls the reward service: retries with backoff ride out a restart."""
-    retry = RetryPolicy(max_retries=cfg.max_retries, backoff_base=0.25, backoff_max=10.0)
+    """The reward function that calls the reward service: retries with backoff ride out a restart, within one time
+    budget per call (`retry_deadline_s`), after which the run fails rather than hang."""
+    retry = RetryPolicy(max_retries=cfg.max_retries, backoff_base=0.25, backoff_max=10.0,
+                        deadline_s=cfg.retry_deadline_s)
     client = RewardClient(cfg.url, model=cfg.model, label=cfg.label, api_key=cfg.api_key, timeout=cfg.timeout_s,
                           retry=retry, chunk_size=cfg.chunk_size)
     return RemoteRewardFn(client)

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM
 
-from services.trainer.checkpointing import latest_resumable, load_trainer_state, prune, save_checkpoint, update_best
+from services.trainer.checkpointing import load_trainer_state, prune, resume_candidates, save_checkpoint, update_best
 from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler, load_texts, make_prompts
 from services.trainer.loop import PPOTrainer
@@ -21,6 +21,7 @@ from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_
 from services.trainer.report import EVAL_PROMPTS, write_report
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
+from shared.checkpoints import atomic_write_text, recover_checkpoints
 from shared.runtime import configure_torch
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,14 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
                                                 config.tokenizer.tokenizer_path)
     tokenizer.truncation_side = config.tokenizer.truncation_side
     reference = frozen_reference(base)  # the original weights, also when resuming
-    resume_from = latest_resumable(config.run_dir) if t.resume else None
-    if resume_from is not None:
-        base = AutoModelForCausalLM.from_pretrained(resume_from).eval()
-    policy = PolicyWithValueHead(base, config.model.value_head_hidden)
 
     train_prompts, eval_set = _prompts(config, prompts, eval_prompts)
     if main:  # the end-of-run report continues these prompts with the base and the trained policy
         config.run_dir.mkdir(parents=True, exist_ok=True)
-        (config.run_dir / EVAL_PROMPTS).write_text(json.dumps(eval_set, indent=1))
-    sampler = PromptSampler(train_prompts, t.seed + accelerator.process_index)
+        atomic_write_text(config.run_dir / EVAL_PROMPTS, json.dumps(eval_set, indent=1))
+        for action in recover_checkpoints(config.run_dir):
+            log.warning("cleaning up after a process that died while saving: %s", action)
+    accelerator.wait_for_everyone()
     if reward_fn is None:
         status.state = "waiting_for_reward"
         wait_for_reward_service(config.reward.url, config.reward.wait_ready_s,
@@ -86,15 +85,18 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
         status.message = None
         reward_fn = remote_reward_fn(config.reward)
 
-    trainer = PPOTrainer(config, policy, reference, tokenizer, reward_fn, sampler, eval_set, accelerator)
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        ranks = state["ranks"]  # a job resumed with fewer or more processes reuses the nearest rank's state
-        trainer.load_state_dict(ranks[min(accelerator.process_index, len(ranks) - 1)] | state["shared"])
-        log.info("resumed from %s at step %d", resume_from, trainer.iteration)
-        status.last_checkpoint = f"{config.run_dir.name}/{resume_from.name}"
+    def build(model) -> PPOTrainer:  # a fresh sampler each time: a failed resume must leave nothing behind
+        sampler = PromptSampler(train_prompts, t.seed + accelerator.process_index)
+        policy = PolicyWithValueHead(model, config.model.value_head_hidden)
+        return PPOTrainer(config, policy, reference, tokenizer, reward_fn, sampler, eval_set, accelerator)
+
+    trainer = _resume(config, status, accelerator, build) if t.resume else None
+    if trainer is None:
+        trainer = build(base)
     status.step = status.start_step = trainer.iteration
     metrics = MetricsLog(config.run_dir, trainer.iteration, t.tensorboard) if main else None
+    if metrics:
+        status.history = metrics.history
     last_eval: dict = {}
     if trainer.iteration == 0:
         last_eval = _evaluate(trainer, metrics, status, accelerator)
@@ -115,6 +117,8 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
                 last_eval = _evaluate(trainer, metrics, status, accelerator)
             stopping = status.stop_requested.is_set()
             if it % t.checkpoint_interval == 0 or it == t.total_steps or stopping:
+                if metrics:
+                    metrics.sync()  # the checkpoint vouches for these lines: they must outlive a power cut too
                 _checkpoint(trainer, config, status, accelerator, stats | last_eval)
             elapsed = time.perf_counter() - started
             status.iteration_seconds = elapsed if status.iteration_seconds is None else \
@@ -135,6 +139,36 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
             metrics.close()
 
 
+def _resume(config: TrainerConfig, status: TrainingStatus, accelerator, build) -> PPOTrainer | None:
+    """A trainer at the newest checkpoint that loads completely (weights and trainer state). A newer one that does
+    not (corrupt, tampered, refused by the weights-only loader) is skipped with a warning and a status message; None
+    when there is no usable checkpoint, which is said too when some were skipped."""
+    skipped: list[str] = []
+    for info in resume_candidates(config.run_dir):
+        try:
+            if not info.valid:
+                raise ValueError(info.error)
+            state = load_trainer_state(info.path)
+            trainer = build(AutoModelForCausalLM.from_pretrained(info.path).eval())
+            ranks = state["ranks"]  # a job resumed with fewer or more processes reuses the nearest rank's state
+            trainer.load_state_dict(ranks[min(accelerator.process_index, len(ranks) - 1)] | state["shared"])
+        except Exception as exc:  # noqa: BLE001 - any failure to load means: try the previous checkpoint
+            accelerator.free_memory()  # drop what a half-built trainer prepared; nothing else is prepared yet
+            skipped.append(f"{info.name} is unusable ({exc})")
+            log.warning("not resuming from %s: %s", info.name, exc)
+            continue
+        log.info("resumed from %s at step %d", info.path, trainer.iteration)
+        status.last_checkpoint = info.name
+        if skipped:
+            status.message = f"resumed from {info.name} instead: {'; '.join(skipped)}"
+            log.warning(status.message)
+        return trainer
+    if skipped:
+        status.message = f"starting from scratch, no checkpoint could be loaded: {'; '.join(skipped)}"
+        log.error(status.message)
+    return None
+
+
 def _report(config: TrainerConfig) -> None:
     """The end-of-run report, through the generator and reward services; a failure here costs no training."""
     from shared.clients import GeneratorClient, RetryPolicy, RewardClient
@@ -143,7 +177,7 @@ def _report(config: TrainerConfig) -> None:
     try:
         with RewardClient(config.reward.url, model=config.reward.model, label=config.reward.label,
                           api_key=config.reward.api_key, retry=retry) as reward, \
-                GeneratorClient(config.generator.url, retry=retry) as generator:
+                GeneratorClient(config.generator.url, api_key=config.generator.api_key, retry=retry) as generator:
             path = write_report(config.run_dir, reward, generator)
         log.info("report written to %s", path)
     except Exception as exc:  # noqa: BLE001
