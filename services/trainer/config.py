@@ -119,7 +119,8 @@ class RewardConfig(_Section):
     api_key: str | None = Field(None, exclude=True, description="Bearer key of the reward service; default: the "
                                 "REWARD_API_KEY environment variable. Never written to checkpoints.")
     timeout_s: float = Field(60.0, gt=0, description="Per request.")
-    max_retries: int = Field(8, ge=0, description="Retries per request (backoff with jitter).")
+    max_retries: int | None = Field(None, ge=0, description="Most retries per request (backoff with jitter); "
+                                    "None: as many as retry_deadline_s allows.")
     retry_deadline_s: float = Field(600.0, gt=0, description="Most time one scoring call may take, retries "
                                     "included; then the run fails instead of hanging on a dead service.")
     chunk_size: int = Field(256, ge=1, description="Texts per request.")
