@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+
+import httpx
 
 from services.generator.settings import GeneratorSettings
 from services.reward.settings import RewardSettings
@@ -34,3 +37,14 @@ def make_checkpoint_root(kit: Path, root: Path) -> Path:
 
     write_checkpoint(root, "run", 1, save, metrics={"eval/reward_mean": 0.5})
     return root
+
+
+def watch_readyz(url: str, seconds: float = 10) -> list[httpx.Response]:
+    """Poll /readyz until it has been 503 and is 200 again (or time runs out); every answer, in order."""
+    seen: list[httpx.Response] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (seen and seen[-1].status_code == 200
+                                               and any(r.status_code == 503 for r in seen)):
+        seen.append(httpx.get(url + "/readyz"))
+        time.sleep(0.02)
+    return seen

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import services.generator.checkpoints as store_module
 from services.generator.app import create_app
 from shared.checkpoints import write_checkpoint
-from tests.reliability.conftest import generator_settings
+from tests.reliability.conftest import generator_settings, watch_readyz
 
 pytestmark = pytest.mark.slow
 
@@ -109,15 +109,11 @@ def test_readyz_follows_the_batch_worker(tiny_kit, serve):
     batcher._take_batch = die_once
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(generate, s.url)
-        seen = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (not seen or seen[-1] != 200 or 503 not in seen):
-            r = httpx.get(s.url + "/readyz")
-            seen.append(r.status_code)
-            if r.status_code == 503:
-                assert "injected worker fault" in r.json()["error"]["message"] and r.headers["retry-after"]
-            time.sleep(0.02)
-        assert 503 in seen and seen[-1] == 200, seen
+        seen = watch_readyz(s.url)
+        assert [r.status_code for r in seen][-1] == 200
+        down = [r for r in seen if r.status_code == 503]
+        assert down and all("injected worker fault" in r.json()["error"]["message"] and r.headers["retry-after"]
+                            for r in down)
         assert pending.result().status_code == 200  # its item waited for the restarted worker
 
 

@@ -151,22 +151,31 @@ async def _reward_client(url: str, client: int, reviews, oracle, tally: Tally, d
 def test_reward_64_clients_get_their_own_scores(tiny_kit, serve, reviews, reward_oracle, variant):
     batching = {"max_queue_size": 6, "max_batch_size": 4} if variant == "small-queue" else {}
     server = serve(create_reward_app(reward_settings(tiny_kit, batching=batching)))
+    tally, seconds = drive(_reward_client, REWARD_CLIENTS, server.url, reviews, reward_oracle)
+    count, mean = batches(server.url, "reward_batch_size")
+    print("\n" + tally.line(f"reward {variant}, {REWARD_CLIENTS} clients x {REWARD_ROUNDS} rounds", seconds)
+          + f"; {count} batches, {mean:.1f} texts per batch; max |score - one-at-a-time| {tally.max_diff:.1e}")
+    assert_all_served(tally, REWARD_CLIENTS * REWARD_ROUNDS, variant)
+    assert mean > 1, "no two requests ever shared a batch: the test proved nothing about cross-talk"
+
+
+def drive(client_fn, clients: int, url: str, *args) -> tuple[Tally, float]:
+    """Run `clients` concurrent clients to the end (45 s at most); their tally and the seconds it took."""
     tally = Tally()
 
     async def main():
         deadline = time.monotonic() + 45
-        await asyncio.gather(*(_reward_client(server.url, c, reviews, reward_oracle, tally, deadline)
-                               for c in range(REWARD_CLIENTS)))
+        await asyncio.gather(*(client_fn(url, c, *args, tally, deadline) for c in range(clients)))
 
     started = time.monotonic()
     asyncio.run(main())
-    seconds = time.monotonic() - started
-    count, mean = batches(server.url, "reward_batch_size")
-    print("\n" + tally.line(f"reward {variant}, {REWARD_CLIENTS} clients x {REWARD_ROUNDS} rounds", seconds)
-          + f"; {count} batches, {mean:.1f} texts per batch; max |score - one-at-a-time| {tally.max_diff:.1e}")
+    return tally, time.monotonic() - started
+
+
+def assert_all_served(tally: Tally, expected: int, variant: str) -> None:
+    """Nothing wrong, nothing lost, every 429 retried until served; the small queue really pushed back."""
     assert tally.wrong == 0 and tally.lost == 0, "\n".join(tally.problems[:20])
-    assert tally.served == REWARD_CLIENTS * REWARD_ROUNDS
-    assert mean > 1, "no two requests ever shared a batch: the test proved nothing about cross-talk"
+    assert tally.served == expected
     assert tally.ok == tally.served and tally.requests == tally.ok + tally.overloaded
     if variant == "small-queue":
         assert tally.overloaded > 0, "the small queue never pushed back: the 429 path went untested"
@@ -216,22 +225,9 @@ def test_generator_16_greedy_clients_get_their_own_completions(tiny_kit, serve, 
         r = httpx.post(server.url + "/v1/generate", json=_greedy_body([prompt]), timeout=60)
         assert r.status_code == 200, r.text
         oracle[prompt] = r.json()["completions"][0]["completion"]
-    tally = Tally()
-
-    async def main():
-        deadline = time.monotonic() + 45
-        await asyncio.gather(*(_generator_client(server.url, c, reviews, oracle, tally, deadline)
-                               for c in range(GENERATOR_CLIENTS)))
-
-    started = time.monotonic()
-    asyncio.run(main())
-    seconds = time.monotonic() - started
+    tally, seconds = drive(_generator_client, GENERATOR_CLIENTS, server.url, reviews, oracle)
     count, mean = batches(server.url, "generator_batch_size")
     print("\n" + tally.line(f"generator {variant}, {GENERATOR_CLIENTS} clients x {GENERATOR_ROUNDS} rounds", seconds)
           + f"; {count} batches (the one-at-a-time oracle included), {mean:.2f} sequences per batch")
-    assert tally.wrong == 0 and tally.lost == 0, "\n".join(tally.problems[:20])
-    assert tally.served == GENERATOR_CLIENTS * GENERATOR_ROUNDS
+    assert_all_served(tally, GENERATOR_CLIENTS * GENERATOR_ROUNDS, variant)
     assert count < len(prompts) + tally.ok, "no two requests ever shared a batch: nothing about cross-talk was shown"
-    assert tally.ok == tally.served and tally.requests == tally.ok + tally.overloaded
-    if variant == "small-queue":
-        assert tally.overloaded > 0, "the small queue never pushed back: the 429 path went untested"

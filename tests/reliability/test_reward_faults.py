@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from services.reward import registry as registry_module
 from services.reward.app import create_app
 from services.reward.scorer import Scorer
-from tests.reliability.conftest import ADMIN_KEY, reward_settings
+from tests.reliability.conftest import ADMIN_KEY, reward_settings, watch_readyz
 
 pytestmark = pytest.mark.slow
 
@@ -65,16 +65,11 @@ def test_a_dead_batch_worker_turns_readyz_503_restarts_and_loses_no_request(tiny
     result: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: result.append(score(s.url)))
     sender.start()
-    seen = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (not seen or seen[-1] != 200 or 503 not in seen):
-        r = httpx.get(s.url + "/readyz")
-        seen.append(r.status_code)
-        if r.status_code == 503:
-            assert "batch worker died" in r.json()["error"]["message"]
-        time.sleep(0.02)
+    seen = watch_readyz(s.url)
     sender.join(30)
-    assert 503 in seen and seen[-1] == 200  # unready while dead, ready again once restarted
+    down = [r for r in seen if r.status_code == 503]
+    assert down and seen[-1].status_code == 200  # unready while dead, ready again once restarted
+    assert all("batch worker died" in r.json()["error"]["message"] for r in down)
     assert batcher.worker_restarts == 1
     assert result[0].status_code == 200 and result[0].json()["scores"] == pytest.approx(expected, abs=1e-6)
     assert score(s.url).status_code == 200
