@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ class ServiceError(Exception):
     def __init__(self, message: str, status: int | None = None, type: str | None = None):
         super().__init__(message)
         self.status, self.type = status, type
+
+
+class CallInterrupted(ServiceError):
+    """The caller asked to stop (its `interrupt` event was set) while the call was waiting to retry."""
 
 
 @dataclass(frozen=True)
@@ -141,13 +146,15 @@ class _Retrying:
 
 
 class HttpJsonClient(_Retrying, _ClosesOnExit):
-    """Blocking JSON-over-HTTP with retries."""
+    """Blocking JSON-over-HTTP with retries. Setting `interrupt` ends a call that is waiting to retry
+    (CallInterrupted), so a process asked to stop is not held by a service that is down."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 60.0,
                  retry: RetryPolicy = RetryPolicy(), name: str = "service",
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, interrupt: threading.Event | None = None):
         super().__init__(url, api_key, timeout, retry, name)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
+        self.interrupt = interrupt or threading.Event()
 
     def request(self, method: str, path: str, json: Any = None) -> Any:
         call = _Call(self)
@@ -159,7 +166,9 @@ class HttpJsonClient(_Retrying, _ClosesOnExit):
                 outcome: httpx.Response | Exception = response
             except httpx.TransportError as exc:
                 outcome = exc
-            time.sleep(call.next_delay(outcome))
+            if self.interrupt.wait(call.next_delay(outcome)):
+                raise CallInterrupted(f"{self.name} at {self.url}: call interrupted while waiting to retry "
+                                      f"({outcome if isinstance(outcome, Exception) else _error_from(outcome)})")
 
     def close(self) -> None:
         self._http.close()
@@ -215,12 +224,13 @@ class RewardClient(_ClosesOnExit):
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, label: str | None = None,
                  api_key: str | None = None, timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 chunk_size: int = 256, transport: httpx.BaseTransport | None = None):
+                 chunk_size: int = 256, transport: httpx.BaseTransport | None = None,
+                 interrupt: threading.Event | None = None):
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.model, self.label, self.chunk_size = model, label, chunk_size
         self.http = HttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="reward service",
-                                   transport=transport)
+                                   transport=transport, interrupt=interrupt)
 
     def score(self, texts: Sequence[str], model: str | None = None) -> list[float]:
         out: list[float] = []

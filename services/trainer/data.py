@@ -154,4 +154,5 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._shuffle()  # the order belongs to the epoch
         self._order = self._shuffle()

@@ -295,6 +295,15 @@ class PPOTrainer:
 
     # -- state for checkpoints -----------------------------------------------------------------------------------------
 
+    def resume_point(self) -> dict:
+        """What an iteration changes before its update (data position, RNG): enough to undo one cut short while it
+        was still scoring, so that its checkpoint resumes exactly at the iteration's start."""
+        return {"sampler": self.sampler.state_dict(), "rng": rng_state()}
+
+    def rewind(self, point: dict) -> None:
+        self.sampler.load_state_dict(point["sampler"])
+        set_rng_state(point["rng"])
+
     def state_dict(self) -> dict:
         return {
             "iteration": self.iteration,

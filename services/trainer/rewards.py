@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 
 import httpx
 
 from services.trainer.config import RewardConfig
-from shared.clients import RemoteRewardFn, RetryPolicy, RewardClient
+from shared.clients import CallInterrupted, RemoteRewardFn, RetryPolicy, RewardClient
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[..., Sequence[float]]
@@ -35,9 +36,11 @@ def checked_scores(raw, expected: int) -> list[float]:
 
 
 def wait_for_reward_service(url: str, deadline_s: float, on_wait: Callable[[str], None] | None = None,
-                            api_key: str | None = None) -> None:
-    """Poll `/readyz` with exponential backoff (and jitter) until it answers 200, saying so while waiting."""
+                            api_key: str | None = None, stop: threading.Event | None = None) -> None:
+    """Poll `/readyz` with exponential backoff (and jitter) until it answers 200, saying so while waiting; a set
+    `stop` ends the wait with CallInterrupted."""
     policy = RetryPolicy(backoff_base=0.5, backoff_max=10.0)
+    stop = stop or threading.Event()
     started = time.monotonic()
     attempt = 0
     while True:
@@ -55,15 +58,17 @@ def wait_for_reward_service(url: str, deadline_s: float, on_wait: Callable[[str]
         log.warning(message)
         if on_wait:
             on_wait(message)
-        time.sleep(delay)
+        if stop.wait(delay):
+            raise CallInterrupted(f"stopped while waiting for the reward service at {url}")
         attempt += 1
 
 
-def remote_reward_fn(cfg: RewardConfig) -> RemoteRewardFn:
+def remote_reward_fn(cfg: RewardConfig, stop: threading.Event | None = None) -> RemoteRewardFn:
     """The reward function that calls the reward service: retries with backoff ride out a restart, within one time
-    budget per call (`retry_deadline_s`), after which the run fails rather than hang."""
+    budget per call (`retry_deadline_s`), after which the run fails rather than hang; a set `stop` ends a call that
+    is waiting to retry (CallInterrupted), so a stop is never held up by a reward service that is down."""
     retry = RetryPolicy(max_retries=cfg.max_retries, backoff_base=0.25, backoff_max=10.0,
                         deadline_s=cfg.retry_deadline_s)
     client = RewardClient(cfg.url, model=cfg.model, label=cfg.label, api_key=cfg.api_key, timeout=cfg.timeout_s,
-                          retry=retry, chunk_size=cfg.chunk_size)
+                          retry=retry, chunk_size=cfg.chunk_size, interrupt=stop)
     return RemoteRewardFn(client)

@@ -22,6 +22,7 @@ from services.trainer.report import EVAL_PROMPTS, write_report
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
 from shared.checkpoints import atomic_write_text, recover_checkpoints
+from shared.clients import CallInterrupted
 from shared.runtime import configure_torch
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,15 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     accelerator.wait_for_everyone()
     if reward_fn is None:
         status.state = "waiting_for_reward"
-        wait_for_reward_service(config.reward.url, config.reward.wait_ready_s,
-                                on_wait=lambda message: setattr(status, "message", message),
-                                api_key=config.reward.api_key)
+        try:
+            wait_for_reward_service(config.reward.url, config.reward.wait_ready_s,
+                                    on_wait=lambda message: setattr(status, "message", message),
+                                    api_key=config.reward.api_key, stop=status.stop_requested)
+        except CallInterrupted:
+            status.state = "stopped"  # nothing trained yet, nothing to save
+            return
         status.message = None
-        reward_fn = remote_reward_fn(config.reward)
+        reward_fn = remote_reward_fn(config.reward, stop=status.stop_requested)
 
     def build(model) -> PPOTrainer:  # a fresh sampler each time: a failed resume must leave nothing behind
         sampler = PromptSampler(train_prompts, t.seed + accelerator.process_index)
@@ -97,16 +102,41 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     metrics = MetricsLog(config.run_dir, trainer.iteration, t.tensorboard) if main else None
     if metrics:
         status.history = metrics.history
-    last_eval: dict = {}
-    if trainer.iteration == 0:
-        last_eval = _evaluate(trainer, metrics, status, accelerator)
-
-    status.state = "running"
     progress = _progress(main, status)
     try:
+        if _run_steps(trainer, config, status, accelerator, metrics, on_step, progress):
+            status.state = "finished"
+            if main and config.generator.url:
+                _report(config)
+        else:
+            status.state = "stopped"
+    finally:
+        if progress:
+            progress.close()
+        if metrics:
+            metrics.close()
+
+
+def _run_steps(trainer: PPOTrainer, config: TrainerConfig, status: TrainingStatus, accelerator,
+               metrics: MetricsLog | None, on_step, progress) -> bool:
+    """PPO iterations up to `total_steps`: True when all are done, False when a stop came first (after saving every
+    step done, also when the stop comes while the reward service is down)."""
+    t = config.train
+    last_eval: dict = {}
+    stats: dict = {}
+    saved = trainer.iteration  # the newest step a checkpoint holds
+    try:
+        if trainer.iteration == 0:
+            last_eval = _evaluate(trainer, metrics, status, accelerator)
+        status.state = "running"
         while trainer.iteration < t.total_steps:
             started = time.perf_counter()
-            stats = trainer.step()
+            point = trainer.resume_point()
+            try:
+                stats = trainer.step()
+            except CallInterrupted:  # stopped while scoring: this iteration never happened
+                trainer.rewind(point)
+                raise
             it = trainer.iteration
             status.step, status.reward_mean, status.kl = it, stats["rollout/reward_mean"], stats["objective/kl"]
             if metrics:
@@ -117,9 +147,8 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
                 last_eval = _evaluate(trainer, metrics, status, accelerator)
             stopping = status.stop_requested.is_set()
             if it % t.checkpoint_interval == 0 or it == t.total_steps or stopping:
-                if metrics:
-                    metrics.sync()  # the checkpoint vouches for these lines: they must outlive a power cut too
-                _checkpoint(trainer, config, status, accelerator, stats | last_eval)
+                _save(trainer, config, status, accelerator, metrics, stats | last_eval)
+                saved = it
             elapsed = time.perf_counter() - started
             status.iteration_seconds = elapsed if status.iteration_seconds is None else \
                 0.8 * status.iteration_seconds + 0.2 * elapsed
@@ -127,16 +156,20 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
                 progress.update(1)
                 progress.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.2f}")
             if stopping:
-                status.state = "stopped"
-                return
-        status.state = "finished"
-        if main and config.generator.url:
-            _report(config)
-    finally:
-        if progress:
-            progress.close()
-        if metrics:
-            metrics.close()
+                return False
+        return True
+    except CallInterrupted as exc:
+        log.warning("stopping while the reward service is unavailable (%s)", exc)
+    if trainer.iteration > saved:
+        _save(trainer, config, status, accelerator, metrics, stats | last_eval)
+    return False
+
+
+def _save(trainer: PPOTrainer, config: TrainerConfig, status: TrainingStatus, accelerator,
+          metrics: MetricsLog | None, values: dict) -> None:
+    if metrics:
+        metrics.sync()  # the checkpoint vouches for these lines: they must outlive a power cut too
+    _checkpoint(trainer, config, status, accelerator, values)
 
 
 def _resume(config: TrainerConfig, status: TrainingStatus, accelerator, build) -> PPOTrainer | None:
