@@ -57,7 +57,8 @@ def generate_command(
     greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     url: Annotated[str, typer.Option(envvar="RLHF_GENERATOR_URL", help="Generator URL.")] = "http://127.0.0.1:8001",
-    api_key: Annotated[Optional[str], typer.Option(envvar="RLHF_API_KEY", help="API key.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar=["GENERATOR_API_KEY", "RLHF_API_KEY"],
+                                                   help="The generator's API key.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole response as JSON.")] = False,
 ) -> None:
     """Print one completion (prompt + continuation) per prompt."""

@@ -66,7 +66,8 @@ def score_command(
     texts: Annotated[list[str], typer.Argument(help="Texts to score.")],
     url: Annotated[str, typer.Option(envvar="RLHF_REWARD_URL", help="Reward service URL.")] = "http://127.0.0.1:8000",
     model: Annotated[Optional[str], typer.Option(help="Model name (default model when omitted).")] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="RLHF_API_KEY", help="API key.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar=["REWARD_API_KEY", "RLHF_API_KEY"],
+                                                   help="The reward service's API key.")] = None,
 ) -> None:
     """Print one score per text, one per line, in order."""
     from shared.clients import RetryPolicy, RewardClient, ServiceError

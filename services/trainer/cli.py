@@ -16,6 +16,8 @@ app = typer.Typer(help="The PPO trainer.", no_args_is_help=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", help="Trainer YAML (see configs/).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override: section.key=value (repeatable).")]
+GeneratorKey = Annotated[Optional[str], typer.Option(envvar="GENERATOR_API_KEY", help="The generator's API key.")]
+RewardKey = Annotated[Optional[str], typer.Option(envvar="REWARD_API_KEY", help="The reward service's API key.")]
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -110,6 +112,8 @@ def compare_command(
     seed: Annotated[int, typer.Option(help="Same seeds for base and checkpoint.")] = 0,
     generator_url: Annotated[str, typer.Option("--generator", envvar="RLHF_GENERATOR_URL")] = "http://127.0.0.1:8001",
     reward_url: Annotated[str, typer.Option("--reward", envvar="RLHF_REWARD_URL")] = "http://127.0.0.1:8000",
+    generator_key: GeneratorKey = None,
+    reward_key: RewardKey = None,
     out: Annotated[Path, typer.Option(help="Folder for compare.json and compare.md.")] = Path("runs/compare"),
 ) -> None:
     """Base vs a checkpoint on the same prompts and seeds: mean reward, fraction judged positive, example pairs."""
@@ -121,7 +125,8 @@ def compare_command(
     try:
         prompt_list = load_prompts(prompts)
         retry = RetryPolicy(max_retries=2)
-        with GeneratorClient(generator_url, retry=retry) as g, RewardClient(reward_url, retry=retry) as r:
+        with GeneratorClient(generator_url, api_key=generator_key, retry=retry) as g, \
+                RewardClient(reward_url, api_key=reward_key, retry=retry) as r:
             result = compare(g, r, checkpoint, prompt_list, samples, max_new_tokens, seed)
     except (ValueError, ServiceError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -148,6 +153,8 @@ def best_string_command(
     checkpoints: Annotated[Path, typer.Option(help="Checkpoint root, to compute log-probabilities.")] = Path("runs"),
     generator_url: Annotated[str, typer.Option("--generator", envvar="RLHF_GENERATOR_URL")] = "http://127.0.0.1:8001",
     reward_url: Annotated[str, typer.Option("--reward", envvar="RLHF_REWARD_URL")] = "http://127.0.0.1:8000",
+    generator_key: GeneratorKey = None,
+    reward_key: RewardKey = None,
     out: Annotated[Path, typer.Option(help="Folder for best_string.json.")] = Path("runs/best-string"),
 ) -> None:
     """Search for the text the reward model scores highest that the policy would plausibly write."""
@@ -161,7 +168,8 @@ def best_string_command(
         raise typer.BadParameter("budget must be at least 2", param_hint="--budget")
     try:
         retry = RetryPolicy(max_retries=2)
-        with GeneratorClient(generator_url, retry=retry) as g, RewardClient(reward_url, retry=retry) as r:
+        with GeneratorClient(generator_url, api_key=generator_key, retry=retry) as g, \
+                RewardClient(reward_url, api_key=reward_key, retry=retry) as r:
             resolved = checkpoint
             if checkpoint == "latest":
                 resolved = next(c["name"] for c in g.checkpoints() if c["latest"])

@@ -151,3 +151,18 @@ def test_every_service_binds_loopback_by_default():
     assert RewardSettings(model="m").host == "127.0.0.1"
     assert GeneratorSettings(model="m").host == "127.0.0.1"
     assert inspect.signature(trainer_serve).parameters["host"].default == "127.0.0.1"
+
+
+def test_the_cli_clients_take_each_services_key_from_the_environment(tiny_kit, serve):
+    import os
+    import subprocess
+    import sys
+
+    s = serve(create_app(reward_settings(tiny_kit, api_key="user-key")))
+    env = {k: v for k, v in os.environ.items() if k not in ("REWARD_API_KEY", "RLHF_API_KEY")}
+    command = [sys.executable, "-m", "services.cli", "score", "--url", s.url, "A fine film."]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "401" in refused.stderr
+    served = subprocess.run(command, env={**env, "REWARD_API_KEY": "user-key"}, capture_output=True, text=True,
+                            timeout=60)
+    assert served.returncode == 0 and 0 <= float(served.stdout) <= 1
