@@ -120,17 +120,20 @@ def test_transport_level_abuse_is_refused_cleanly(server):
 
 def test_models_listing_refuses_abuse(server):
     url = server.url + "/v1/models"
-    cases = [("POST", {}), ("PATCH", {}), ("DELETE", None), ("PUT", {})] + [("GET", None)] * 2
+    cases = [("POST", {}), ("PATCH", {}), ("DELETE", None), ("PUT", {}), ("POST", b"x" * 100)]
     for method, body in cases:
-        r = httpx.request(method, url, json=body)
-        assert r.status_code in ({200} if method == "GET" else {405}), (method, r.status_code)
-    queries = ["?x=1", "?model=%00", "?" + "a=1&" * 2000, "?model=%ff%fe", "/"]
+        r = httpx.request(method, url, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+        assert_clean(r, {405}, method)
+    queries = ["?x=1", "?model=%00", "?" + "a=1&" * 2000, "?model=%ff%fe", "/", "?%00=%00", "?model=" + "a" * 7000,
+               "#frag", "?model[]=a", "?=&=&", "?\u202e=1"]
     for q in queries:
         r = httpx.get(url + q)
-        assert r.status_code in (200, 307, 404) and r.status_code < 500, (q, r.status_code)
+        assert r.status_code in (200, 307, 404, 414) and r.status_code < 500, (q, r.status_code)
+    wrong_key = httpx.get(url, headers={"Authorization": "Bearer " + "k" * 5000})
+    assert wrong_key.status_code == 200  # no key configured: any header is ignored, never a crash
     listing = httpx.get(url).json()["models"]
     assert [m["name"] for m in listing] == ["sentiment"]
-    assert len(cases) + len(queries) >= 10
+    assert len(cases) + len(queries) + 1 >= 15
 
 
 def test_model_admin_refuses_every_hostile_request(server, tiny_kit, tmp_path):
@@ -168,12 +171,19 @@ def test_model_admin_refuses_every_hostile_request(server, tiny_kit, tmp_path):
         missing = send(server, "PUT", "/v1/models/x", {"source": str(tmp_path / "missing")}, ADMIN).json()["error"]
         assert existing["message"].replace(str(outside), "P") == missing["message"].replace(
             str(tmp_path / "missing"), "P")  # the refusal says nothing about what exists
-        deletes = [("unknown", "nope", {404}), ("bad name", "a" * 65, {422}), ("non-ASCII", "\u00e8", {422}),
-                   ("without key", None, {401})]
-        for case, name, allowed in deletes:
-            headers = ADMIN if name else {}
-            r = httpx.delete(f"{server.url}/v1/models/{name or 'sentiment'}", headers=headers)
-            assert_clean(r, allowed, case)
+        deletes = [("unknown", "nope", ADMIN, {404}), ("bad name", "a" * 65, ADMIN, {422}),
+                   ("non-ASCII", "\u00e8", ADMIN, {422}), ("without key", "sentiment", {}, {401}),
+                   ("wrong key", "sentiment", {"Authorization": "Bearer nope"}, {401}),
+                   ("basic auth", "sentiment", {"Authorization": "Basic YWRtaW46YWRtaW4="}, {401}),
+                   ("key without scheme", "sentiment", {"Authorization": ADMIN_KEY}, {401}),
+                   ("key with suffix", "sentiment", {"Authorization": f"Bearer {ADMIN_KEY}x"}, {401}),
+                   ("dot name", ".hidden", ADMIN, {422}), ("dash first", "-x", ADMIN, {422}),
+                   ("encoded slash", "a%2Fb", ADMIN, {404, 422}), ("traversal", "..%2F..%2Fetc", ADMIN, {404, 422}),
+                   ("NUL", "a%00b", ADMIN, {422}), ("space", "a%20b", ADMIN, {422}),
+                   ("huge name", "a" * 5000, ADMIN, {422})]
+        for case, name, headers, allowed in deletes:
+            assert_clean(httpx.delete(f"{server.url}/v1/models/{name}", headers=headers), allowed, case)
+        assert len(cases) >= 15 and len(deletes) >= 15
     finally:
         link.unlink(missing_ok=True)
     assert [m["name"] for m in httpx.get(server.url + "/v1/models").json()["models"]] == ["sentiment"]
