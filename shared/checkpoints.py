@@ -190,13 +190,17 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(Path(dirpath))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a crash leaves either the old or the new content, both durable."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves either the old or the new content, both durable."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_synced(tmp, text)
     os.replace(tmp, path)
     _fsync(path.parent)
 
@@ -237,10 +241,7 @@ def write_checkpoint(root: Path, run: str, step: int, save: Callable[[Path], Non
         save(tmp)
         _fsync_tree(tmp)  # the data is on the disk before the manifest that vouches for it
         manifest = {"step": step, "time": time.time(), "metrics": metrics or {}, "config": config or {}}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
         _fsync(tmp)
         _commit(tmp, final)
     except BaseException as exc:

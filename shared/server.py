@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # The id of the request being served: set by RequestObserver, echoed as `x-request-id`, named in fault logs.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RETRY_SOON = {"Retry-After": "1"}  # on 429 and 503: the condition is expected to pass within seconds
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -56,15 +57,14 @@ def server_fault(type: str, message: str) -> ApiError:
 @contextmanager
 def batcher_errors() -> Iterator[None]:
     """Map what a Batcher raises to HTTP: full queue 429, timeout / closed / dead worker 503, anything else 500."""
-    retry = {"Retry-After": "1"}
     try:
         yield
     except QueueFullError as exc:
-        raise ApiError(429, "overloaded", str(exc), retry) from None
+        raise ApiError(429, "overloaded", str(exc), RETRY_SOON) from None
     except BatchTimeoutError as exc:
-        raise ApiError(503, "timeout", str(exc), retry) from None
+        raise ApiError(503, "timeout", str(exc), RETRY_SOON) from None
     except (BatcherClosedError, WorkerDiedError) as exc:
-        raise ApiError(503, "unavailable", f"{exc}; retry", retry) from None
+        raise ApiError(503, "unavailable", f"{exc}; retry", RETRY_SOON) from None
     except ApiError:
         raise
     except Exception as exc:  # the model itself failed: a server fault, never the client's input
@@ -238,7 +238,7 @@ def add_operational_routes(app: FastAPI, registry: CollectorRegistry, is_ready: 
     async def readyz():
         reason = is_ready()
         if reason is not None:
-            return error_response(503, "unavailable", reason, {"Retry-After": "1"})
+            return error_response(503, "unavailable", reason, RETRY_SOON)
         return {"status": "ready"}
 
     @app.get("/metrics", tags=["operations"])

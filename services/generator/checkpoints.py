@@ -9,7 +9,6 @@ checkpoint rewritten under the same name is loaded afresh, never served from a s
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import threading
@@ -181,8 +180,6 @@ class CheckpointStore:
         if len(self._loading) >= self.max_loads:
             raise LoadCapacityError(f"cannot load {name!r} now: {len(self._loading)} checkpoint loads are in "
                                     "progress; retry shortly")
-        if len(self._resident) + len(self._loading) >= self.max_loaded + self.max_loads:
-            gc.collect()  # finished requests (a stream's frames, say) may still hold an evicted model in a cycle
         if len(self._resident) + len(self._loading) >= self.max_loaded + self.max_loads:
             raise LoadCapacityError(f"cannot load {name!r} now: {len(self._resident)} checkpoints are in memory "
                                     "(evicted ones still serve requests); retry shortly")

@@ -47,10 +47,9 @@ from shared.schemas import (
     GenerateRequest,
     GenerateResponse,
 )
-from shared.server import ApiError, batcher_errors, bearer_guard, request_id
+from shared.server import RETRY_SOON, ApiError, batcher_errors, bearer_guard, request_id
 
 log = logging.getLogger(__name__)
-RETRY = {"Retry-After": "1"}
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 500, 503)}
 
 
@@ -83,10 +82,10 @@ class Streams:
     @contextmanager
     def hold(self, count: int) -> Iterator[None]:
         if self.closed:
-            raise ApiError(503, "unavailable", "the service is shutting down; retry", RETRY)
+            raise ApiError(503, "unavailable", "the service is shutting down; retry", RETRY_SOON)
         if self.used + count > self.limit:
             raise ApiError(429, "overloaded", f"{self.used} of {self.limit} streamed sequences in flight; retry "
-                           "later", RETRY)
+                           "later", RETRY_SOON)
         self.used += count
         try:
             yield
@@ -103,7 +102,7 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
                  not_ready: Callable[[], str | None], streams: Streams) -> APIRouter:
     def ready() -> None:  # while the base model loads every route says 503, never 404 for a checkpoint
         if (reason := not_ready()) is not None:
-            raise ApiError(503, "unavailable", f"{reason}; retry", RETRY)
+            raise ApiError(503, "unavailable", f"{reason}; retry", RETRY_SOON)
 
     guards = [Depends(bearer_guard(lambda: settings.api_key)), Depends(ready)]
     router = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=guards)
@@ -116,9 +115,9 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
         except CheckpointInvalidError as exc:
             raise ApiError(409, "checkpoint_invalid", str(exc)) from None
         except LoadCapacityError as exc:
-            raise ApiError(429, "overloaded", str(exc), RETRY) from None
+            raise ApiError(429, "overloaded", str(exc), RETRY_SOON) from None
         except NotReadyError as exc:
-            raise ApiError(503, "unavailable", str(exc), RETRY) from None
+            raise ApiError(503, "unavailable", str(exc), RETRY_SOON) from None
 
     def check_limits(prompts: list[str], params: SamplingParams, stream: bool = False) -> None:
         if len(prompts) > settings.max_prompts_per_request:
