@@ -124,7 +124,7 @@ def our_config(model_dir: Path, s: Settings):
         f"model.model_path={model_dir}", f"method.num_rollouts={s.rollouts}", f"method.chunk_size={s.rollouts}",
         f"train.batch_size={s.minibatch}", f"method.ppo_epochs={s.epochs}",
         f"method.gen_kwargs.max_new_tokens={s.max_new_tokens}", f"train.seed={s.seed}",
-        f"train.torch_threads={s.threads}"])
+        f"train.torch_threads={s.threads}", "method.max_grad_norm=1.0"])  # trl clips at 1: same work
 
 
 def sampling_kwargs(config, eos: int) -> dict:
@@ -142,11 +142,11 @@ class Ours:
 
         from services.trainer.data import PromptSampler
         from services.trainer.loop import PPOTrainer
-        from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_policy_and_tokenizer
+        from services.trainer.policy import FullReference, PolicyWithValueHead, load_policy_and_tokenizer
 
         torch.manual_seed(config.train.seed)  # as `rlhf train` does before building: seeds the value head
         base, tokenizer = load_policy_and_tokenizer(str(model_dir))
-        self.trainer = PPOTrainer(config, PolicyWithValueHead(base), frozen_reference(base), tokenizer,
+        self.trainer = PPOTrainer(config, PolicyWithValueHead(base), FullReference(base), tokenizer,
                                   lambda samples, **kw: reward(samples), PromptSampler(prompts, config.train.seed),
                                   prompts[:4])
 

@@ -3,12 +3,14 @@ reward, data and generator. YAML in, validated at start, overridable with `--set
 
 from __future__ import annotations
 
+import copy
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from shared.settings import read_yaml
 
@@ -45,11 +47,16 @@ class _Section(BaseModel):
 
 
 class TrainConfig(_Section):
-    total_steps: int = Field(100, ge=1, description="PPO iterations (rollout + update), not optimizer steps.")
+    engine: Literal["native", "trlx"] = Field("native", description="`native`: this project's PPO loop; `trlx`: "
+                                              "CarperAI/trlx itself, in its own environment (see docs/trlx.md).")
+    total_steps: int = Field(100, ge=1, description="PPO iterations (rollout + update), not optimizer steps (a trlX "
+                             "config file is translated: see docs/trlx.md).")
     batch_size: int = Field(32, ge=1, description="Rollouts per minibatch of the PPO update.")
     seq_length: int = Field(1024, ge=8, description="Longest prompt + response, in tokens.")
-    eval_interval: int = Field(10, ge=1, description="Evaluate every this many iterations (and at the end).")
-    checkpoint_interval: int = Field(10, ge=1, description="Checkpoint every this many iterations (and at the end).")
+    eval_interval: float = Field(10, gt=0, description="Evaluate at the end of each iteration in which a multiple of "
+                                 "this many iterations is reached (and at the end); fractional when translated from "
+                                 "trlX's optimizer steps.")
+    checkpoint_interval: float = Field(10, gt=0, description="Checkpoint likewise (and at the end).")
     checkpoint_dir: Path = Field(Path("runs"), description="Root of `<run>/step-<N>/` checkpoints.")
     run_name: str = Field("ppo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description="Run folder name.")
     seed: int = Field(1000, description="Seeds data order, sampling and the value head.")
@@ -64,6 +71,9 @@ class ModelConfig(_Section):
     model_path: str = Field(description="Policy to fine-tune: a local folder or a hub id.")
     revision: str | None = None
     value_head_hidden: int | None = Field(None, description="Value head width; default 2 x hidden (as trlX).")
+    num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N blocks (embeddings and lower blocks "
+                                     "frozen) with a hydra reference sharing the frozen trunk; -1: every parameter "
+                                     "trains, against a full frozen copy (trlX's semantics).")
 
 
 class TokenizerConfig(_Section):
@@ -72,17 +82,64 @@ class TokenizerConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    """torch's optimizer of that name, given `kwargs` as they are (as trlX does)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     kwargs: dict[str, Any] = Field(default_factory=lambda: {"lr": 3e-5, "betas": (0.9, 0.95), "eps": 1e-8,
                                                             "weight_decay": 1e-6})
 
+    @model_validator(mode="after")
+    def _kwargs_fit(self) -> OptimizerConfig:
+        import torch
+
+        try:
+            self.build([torch.nn.Parameter(torch.zeros(1))])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"optimizer.kwargs do not fit torch's {self.name}: {exc}") from None
+        return self
+
+    def build(self, params):
+        import torch
+
+        return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.name](
+            params, **self.kwargs)
+
 
 class SchedulerConfig(_Section):
+    """Stepped after every optimizer step (as trlX), so `kwargs` count optimizer steps. `cosine_annealing`: torch's
+    CosineAnnealingLR (T_max default: the run's optimizer steps); `linear`: torch's LinearLR (default: from the full
+    rate down to 0 over the run); `constant`: no schedule."""
+
     name: Literal["cosine_annealing", "linear", "constant"] = "constant"
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="cosine: T_max, eta_min (in iterations).")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kwargs_fit(self) -> SchedulerConfig:
+        import torch
+
+        try:
+            self.build(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"scheduler.kwargs do not fit {self.name}: {exc}") from None
+        return self
+
+    def build(self, optimizer, total_steps: int):
+        from torch.optim import lr_scheduler
+
+        if self.name == "cosine_annealing":
+            return lr_scheduler.CosineAnnealingLR(optimizer, **{"T_max": total_steps, **self.kwargs})
+        if self.name == "linear":
+            return lr_scheduler.LinearLR(optimizer, **{"start_factor": 1.0, "end_factor": 0.0,
+                                                       "total_iters": total_steps, **self.kwargs})
+        if self.kwargs:
+            raise ValueError("a constant schedule takes no kwargs")
+        return lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-class GenKwargs(_Section):
+class GenKwargs(BaseModel):
+    """Keyword arguments of `generate`: the ones below are checked, others (as trlX allows) pass through."""
+
+    model_config = ConfigDict(extra="allow")
     max_new_tokens: int = Field(40, ge=1)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -105,10 +162,28 @@ class MethodConfig(_Section):
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(1.0, ge=0)
-    scale_reward: Literal["running", "ref"] | None = None
-    cliprange_reward: float = Field(10.0, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    gen_kwargs: GenKwargs = Field(default_factory=GenKwargs)
+    scale_reward: str | bool | None = Field(None, description="`running` or `ref` divide the clipped scores by "
+                                            "their running or reference std; any other value (trlX writes "
+                                            "`ignored`, or false) scales nothing.")
+    ref_mean: float | None = Field(None, description="Reference score mean (trlX keeps it, nothing uses it); None: "
+                                   "the first batch's.")
+    ref_std: float | None = Field(None, gt=0, description="Reference score std for scale_reward `ref`; None: the "
+                                  "first batch's (clipped) scores' std.")
+    cliprange_reward: float = Field(10.0, ge=0, description="Clip scores to +-this before scaling; 0 turns it off.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm; None (trlX) never clips.")
+    gen_kwargs: GenKwargs = Field(default_factory=GenKwargs, description="Sampling for evaluation, and for rollouts "
+                                  "unless gen_experience_kwargs is set.")
+    gen_experience_kwargs: GenKwargs | None = Field(None, description="Sampling for rollouts (trlX).")
+    num_value_layers_unfrozen: int = Field(0, ge=0, le=0, description="trlX's value branch: only 0 (a value head "
+                                           "on the policy's last hidden state) is supported.")
+
+    @property
+    def rollout_kwargs(self) -> GenKwargs:
+        return self.gen_experience_kwargs or self.gen_kwargs
+
+    @property
+    def scaling(self) -> str | None:
+        return self.scale_reward if self.scale_reward in ("running", "ref") else None
 
 
 class RewardConfig(_Section):
@@ -172,6 +247,12 @@ class TrainerConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    _translation: Any = PrivateAttr(None)  # trlx_format.Translation when read from a trlX config
+
+    @property
+    def translation(self):
+        """What translating a trlX config did (said at the start of a run), or None for this project's format."""
+        return self._translation
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainerConfig:
@@ -183,6 +264,25 @@ class TrainerConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return self.train.checkpoint_dir / self.train.run_name
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """trlX's unit: one optimizer step per minibatch, `ppo_epochs` passes over `num_rollouts` rollouts."""
+        return self.method.ppo_epochs * self.method.num_rollouts // self.train.batch_size
+
+    def evaluates_after(self, iteration: int) -> bool:
+        return reaches_multiple(iteration, self.train.eval_interval) or iteration == self.train.total_steps
+
+    def checkpoints_after(self, iteration: int) -> bool:
+        return reaches_multiple(iteration, self.train.checkpoint_interval) or iteration == self.train.total_steps
+
+
+def reaches_multiple(iteration: int, interval: float) -> bool:
+    """Whether iteration `iteration` (1-based) reaches a multiple of `interval` iterations, which may be a fraction
+    (100 of trlX's optimizer steps at 16 a iteration is 6.25): exact, with the fraction read as the nearest ratio of
+    small integers so that 100/3 stays 100/3."""
+    step = Fraction(interval).limit_denominator(1_000_000)
+    return iteration // step > (iteration - 1) // step
 
 
 def _parse_value(raw: str) -> Any:
@@ -227,6 +327,15 @@ def expand_env(data: Any) -> Any:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict | None = None) -> TrainerConfig:
-    """Config from a YAML file (or `base`), with `key=value` overrides applied last."""
-    data = expand_env(read_yaml(path)) if path else dict(base or {})
-    return TrainerConfig(**apply_overrides(data, overrides or []))
+    """Config from a YAML file (or `base`), with `key=value` overrides applied last. A trlX config file (or dict) is
+    translated (services/trainer/trlx_format.py), its overrides in trlX's units; `config.translation` then says what
+    it did."""
+    from services.trainer.trlx_format import is_trlx_config, translate
+
+    data = apply_overrides(expand_env(read_yaml(path)) if path else copy.deepcopy(base or {}), overrides or [])
+    if not is_trlx_config(data):
+        return TrainerConfig(**data)
+    translation = translate(data, path)
+    config = TrainerConfig(**translation.config)
+    config._translation = translation
+    return config

@@ -19,7 +19,6 @@ from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler
 from services.trainer.policy import (
     PolicyWithValueHead,
-    position_ids,
     response_entropy,
     response_logprobs,
     response_mask,
@@ -93,10 +92,7 @@ class PPOTrainer:
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
         self.sampler, self.eval_prompts = sampler, eval_prompts
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        opt = config.optimizer.kwargs
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=opt.get("lr", 3e-5),
-                                      betas=tuple(opt.get("betas", (0.9, 0.95))), eps=opt.get("eps", 1e-8),
-                                      weight_decay=opt.get("weight_decay", 1e-6))
+        optimizer = config.optimizer.build([p for p in policy.parameters() if p.requires_grad])  # unfrozen ones
         scheduler = self._make_scheduler(optimizer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
         self.reference = reference.to(self.accelerator.device)
@@ -107,15 +103,8 @@ class PPOTrainer:
         self.eos = tokenizer.eos_token_id
 
     def _make_scheduler(self, optimizer):
-        s = self.config.scheduler
-        if s.name == "cosine_annealing":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=s.kwargs.get("T_max", self.config.train.total_steps), eta_min=s.kwargs.get(
-                    "eta_min", 0.0))
-        if s.name == "linear":
-            total = self.config.train.total_steps
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+        return self.config.scheduler.build(optimizer, self.config.train.total_steps *
+                                           self.config.optimizer_steps_per_iteration)
 
     @property
     def policy(self) -> PolicyWithValueHead:
@@ -137,11 +126,10 @@ class PPOTrainer:
         timings["time/score"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        rollouts.logprobs, rollouts.values, entropy = self.policy_forward(rollouts)
-        rollouts.ref_logprobs = self.reference_forward(rollouts)
+        rollouts.logprobs, rollouts.values, entropy, rollouts.ref_logprobs = self.policy_forward(rollouts)
         timings["time/forward"] = time.perf_counter() - t
 
-        scores = self.scale_and_clip(rollouts.scores)
+        scores = self.clip_and_scale(rollouts.scores)
         rewards = kl_penalized_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, rollouts.mask,
                                        self.kl_ctl.value)
         rollouts.advantages, rollouts.returns = gae(rollouts.values, rewards, rollouts.mask, m.gamma, m.lam)
@@ -153,17 +141,19 @@ class PPOTrainer:
         kl = sequence_kl(rollouts.logprobs, rollouts.ref_logprobs, rollouts.mask)  # (B,)
         stats = self.rollout_stats(rollouts, kl, entropy, rewards) | update_stats
         mean_kl = self._global_mean(kl)
-        self.kl_ctl.update(mean_kl, n_steps=len(rollouts) * self.accelerator.num_processes)
+        for _ in range(m.ppo_epochs):  # trlX updates the controller after each pass over the rollouts
+            self.kl_ctl.update(mean_kl, n_steps=self.config.train.batch_size)
         self.iteration += 1
         timings["time/iteration"] = time.perf_counter() - started
         return stats | timings | {"objective/kl_coef_next": self.kl_ctl.value}
 
     @torch.no_grad()
-    def generate(self, prompts: list[str]) -> Rollouts:
-        """Sample a response per prompt, `chunk_size` prompts per generate call, in eval mode."""
+    def generate(self, prompts: list[str], evaluation: bool = False) -> Rollouts:
+        """Sample a response per prompt, `chunk_size` prompts per generate call, in eval mode; with trlX's
+        `gen_experience_kwargs` for rollouts when set, `gen_kwargs` for evaluation."""
         m = self.config.method
-        gen = m.gen_kwargs.model_dump()
-        max_prompt = self.config.train.seq_length - gen["max_new_tokens"]
+        gen = (m.gen_kwargs if evaluation else m.rollout_kwargs).model_dump()
+        max_prompt = self.config.train.seq_length - m.gen_kwargs.max_new_tokens  # as trlX sizes prompts
         queries, query_masks, responses = [], [], []
         for i in range(0, len(prompts), m.chunk_size):
             chunk = prompts[i : i + m.chunk_size]
@@ -186,41 +176,36 @@ class PPOTrainer:
                              tokenizer=self.tokenizer)
         return torch.tensor(checked_scores(raw, len(samples)), dtype=torch.float32, device=self.accelerator.device)
 
-    def scale_and_clip(self, scores: torch.Tensor) -> torch.Tensor:
-        """trlX: optional scaling by the running (or first batch's) std, then clipping to +-cliprange_reward."""
+    def clip_and_scale(self, scores: torch.Tensor) -> torch.Tensor:
+        """trlX's order: clip to +-cliprange_reward (0: no clip), take the statistics of the clipped scores (the
+        reference std is the first batch's unless `ref_std` is given), then divide by the running or reference std
+        when `scale_reward` says so."""
         m = self.config.method
+        if m.cliprange_reward:
+            scores = scores.clamp(-m.cliprange_reward, m.cliprange_reward)
         if self.ref_std is None:
-            self.ref_std = scores.std().item() if len(scores) > 1 else 1.0
+            self.ref_std = m.ref_std or (scores.std().item() if len(scores) > 1 else 1.0)
         self.running.update(scores)
-        if m.scale_reward == "running":
+        if m.scaling == "running":
             scores = scores / max(self.running.std, 1e-8)
-        elif m.scale_reward == "ref":
+        elif m.scaling == "ref":
             scores = scores / max(self.ref_std, 1e-8)
-        return scores.clamp(-m.cliprange_reward, m.cliprange_reward)
+        return scores
 
     @torch.no_grad()
-    def policy_forward(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs, values and entropy of the sampled responses under the current policy, (B, R) each."""
+    def policy_forward(self, rollouts: Rollouts) -> tuple[torch.Tensor, ...]:
+        """Log-probs, values and entropy of the sampled responses under the current policy, and their log-probs under
+        the reference (a hydra reference continues from this pass's trunk), (B, R) each."""
         q = rollouts.queries.shape[1]
-        logprobs, values, entropy = [], [], []
-        for sl in self._slices(len(rollouts)):
-            logits, v = self.policy(rollouts.sequences[sl], rollouts.attention_mask[sl])
-            logprobs.append(response_logprobs(logits, rollouts.sequences[sl], q))
-            values.append(v[:, q - 1 : -1])
-            entropy.append(response_entropy(logits, q))
-        return torch.cat(logprobs), torch.cat(values), torch.cat(entropy)
-
-    @torch.no_grad()
-    def reference_forward(self, rollouts: Rollouts) -> torch.Tensor:
-        """Log-probs of the sampled responses under the frozen reference, (B, R)."""
-        q = rollouts.queries.shape[1]
-        out = []
+        logprobs, values, entropy, ref_logprobs = [], [], [], []
         for sl in self._slices(len(rollouts)):
             seq, att = rollouts.sequences[sl], rollouts.attention_mask[sl]
-            logits = self.reference(input_ids=seq, attention_mask=att, position_ids=position_ids(att),
-                                    use_cache=False).logits
-            out.append(response_logprobs(logits, seq, q))
-        return torch.cat(out)
+            logits, v, hidden = self.policy(seq, att)
+            logprobs.append(response_logprobs(logits, seq, q))
+            values.append(v[:, q - 1 : -1])
+            entropy.append(response_entropy(logits, q))
+            ref_logprobs.append(response_logprobs(self.reference.logits(seq, att, hidden), seq, q))
+        return torch.cat(logprobs), torch.cat(values), torch.cat(entropy), torch.cat(ref_logprobs)
 
     def _slices(self, n: int) -> list[slice]:
         size = self.config.train.batch_size
@@ -235,7 +220,7 @@ class PPOTrainer:
             order = torch.randperm(len(rollouts), device=seq.device)
             for i in range(0, len(rollouts), self.config.train.batch_size):
                 idx = order[i : i + self.config.train.batch_size]
-                logits, values = self.model(seq[idx], att[idx])
+                logits, values, _ = self.model(seq[idx], att[idx])
                 logprobs = response_logprobs(logits, seq[idx], q)
                 loss, stats = ppo_losses(
                     logprobs, values[:, q - 1 : -1], rollouts.logprobs[idx], rollouts.values[idx],
@@ -247,12 +232,12 @@ class PPOTrainer:
                     grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), m.max_grad_norm)
                     collected.setdefault("ppo/grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
+                self.scheduler.step()
                 for key, value in {"ppo/policy/loss": stats.policy_loss, "ppo/val/loss": stats.value_loss,
                                    "ppo/policy/clipfrac": stats.policy_clipfrac,
                                    "ppo/val/clipfrac": stats.value_clipfrac, "ppo/policy/approx_kl": stats.approx_kl,
                                    "ppo/policy/ratio": stats.ratio_mean, "ppo/loss/total": loss.item()}.items():
                     collected.setdefault(key, []).append(value)
-        self.scheduler.step()
         out = {k: sum(v) / len(v) for k, v in collected.items()}
         out["ppo/learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
@@ -283,10 +268,10 @@ class PPOTrainer:
         """Mean reward of `eval_samples_per_prompt` samples for each fixed eval prompt (plus their KL and length)."""
         k = self.config.train.eval_samples_per_prompt
         prompts = [p for p in self.eval_prompts for _ in range(k)]
-        rollouts = self.generate(prompts)
+        rollouts = self.generate(prompts, evaluation=True)
         scores = self.score(rollouts)
-        logprobs, _, _ = self.policy_forward(rollouts)
-        kl = sequence_kl(logprobs, self.reference_forward(rollouts), rollouts.mask)
+        logprobs, _, _, ref_logprobs = self.policy_forward(rollouts)
+        kl = sequence_kl(logprobs, ref_logprobs, rollouts.mask)
         lengths = rollouts.response_lengths(self.eos)
         return {"eval/reward_mean": scores.mean().item(), "eval/kl": kl.mean().item(),
                 "eval/response_length": lengths.mean().item(),

@@ -1,8 +1,10 @@
-"""The policy with a scalar value head, its frozen reference, and the rollout forward pass."""
+"""The policy with a scalar value head, its frozen reference (a full copy, or trlX's "hydra" head over the frozen
+trunk), and the rollout forward pass."""
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
@@ -20,13 +22,16 @@ class PolicyWithValueHead(nn.Module):
         self.base = base
         width = base.config.hidden_size
         hidden = hidden or 2 * width
-        self.value_head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        # float32 whatever the model's dtype: a bf16/fp16 checkpoint must not make the critic half precision
+        self.value_head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1)).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, L, V) and values (B, L) for left-padded sequences."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Logits (B, L, V), values (B, L) and every layer's hidden states (what a hydra reference continues from)
+        for left-padded sequences."""
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                         output_hidden_states=True, use_cache=False)
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits, self.value_head(out.hidden_states[-1].float()).squeeze(-1), out.hidden_states
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,17 +45,125 @@ def load_policy_and_tokenizer(path: str, revision: str | None = None, tokenizer_
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = load_pretrained(AutoModelForCausalLM, path, revision=revision)
-    model.eval()  # dropout off for good: sampling, scoring and updates all see the same policy
-    return model, tokenizer
+    return load_policy(path, revision), tokenizer
 
 
-def frozen_reference(model: PreTrainedModel) -> PreTrainedModel:
-    """A full frozen copy: the reference the KL penalty is measured against."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+def load_policy(path: str, revision: str | None = None) -> PreTrainedModel:
+    """The model to train, in float32 whatever dtype it was saved in: these are the master weights AdamW updates
+    (in fp16 its eps underflows to 0 and untouched rows turn NaN), and checkpoints keep full precision."""
+    model = load_pretrained(AutoModelForCausalLM, path, revision=revision, dtype=torch.float32)
+    return model.eval()  # dropout off for good: sampling, scoring and updates all see the same policy
+
+
+# -- which layers train, and the reference they are measured against ---------------------------------------------------
+
+_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
+_POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
+
+
+def decoder_blocks(model: PreTrainedModel) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of the model's list of decoder blocks: its ModuleList of num_hidden_layers."""
+    for parent in model.base_model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == model.config.num_hidden_layers:
+                return parent, name
+    raise ValueError(f"model.num_layers_unfrozen: cannot find the decoder blocks of {type(model).__name__}; use -1")
+
+
+def _final_norm(model: PreTrainedModel) -> nn.Module:
+    for parent in model.base_model.modules():
+        for name in _FINAL_NORMS:
+            if isinstance(getattr(parent, name, None), nn.Module):
+                return getattr(parent, name)
+    raise ValueError(f"model.num_layers_unfrozen: cannot find the final norm of {type(model).__name__}; use -1")
+
+
+def freeze_trunk(model: PreTrainedModel, num_layers_unfrozen: int) -> None:
+    """trlX's `num_layers_unfrozen`: N >= 0 trains only the top N blocks, the final norm and an output head that is
+    not tied to the input embeddings; the embeddings (token and position) and every lower block are frozen. (trlX
+    leaves the embeddings trainable: then the trunk's hidden states drift, and so does its hydra reference.)
+    -1 trains everything."""
+    if num_layers_unfrozen < 0:
+        return
+    parent, name = decoder_blocks(model)
+    blocks = list(getattr(parent, name))
+    model.requires_grad_(False)
+    for block in blocks[len(blocks) - min(num_layers_unfrozen, len(blocks)):]:
+        block.requires_grad_(True)
+    _final_norm(model).requires_grad_(True)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        head.requires_grad_(True)
+
+
+class FullReference:
+    """A full frozen copy of the initial model: the reference the KL penalty is measured against."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def to(self, device) -> FullReference:
+        self.model.to(device)
+        return self
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states=None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask), use_cache=False).logits
+
+
+class HydraReference(FullReference):
+    """trlX's hydra head: a frozen copy of the top N blocks, the final norm and the LM head, run on the hidden state
+    the policy's frozen trunk already computed (its forward pass feeds it: no second pass through the trunk).
+
+    It is the same architecture with only the top N blocks and its position embeddings zeroed, fed the trunk's hidden
+    state as `inputs_embeds`: the trunk's output already holds the positions, and the blocks still get the position
+    ids and padding mask (rotary models apply positions inside attention)."""
+
+    def __init__(self, model: PreTrainedModel, num_layers_unfrozen: int):
+        total = model.config.num_hidden_layers
+        self.top = min(num_layers_unfrozen, total)
+        self.trunk_index = total - self.top  # hidden_states[k] is the input of block k
+        head = copy.deepcopy(model).eval().requires_grad_(False)
+        parent, name = decoder_blocks(head)
+        setattr(parent, name, nn.ModuleList(list(getattr(parent, name))[self.trunk_index:]))
+        head.config.num_hidden_layers = self.top
+        for module in head.base_model.modules():
+            for attr in _POSITION_EMBEDDINGS:
+                if isinstance(getattr(module, attr, None), nn.Embedding):
+                    getattr(module, attr).weight.data.zero_()
+        self.model = head
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states=None) -> torch.Tensor:
+        return self.model(inputs_embeds=hidden_states[self.trunk_index].to(self.model.dtype),
+                          attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                          use_cache=False).logits
+
+
+def make_reference(model: PreTrainedModel, num_layers_unfrozen: int):
+    """The reference for `num_layers_unfrozen`: a hydra head when N > 0 (checked against a full copy on a left-padded
+    probe batch; an architecture it does not reproduce gets the full copy, with a warning), else a full copy."""
+    if num_layers_unfrozen <= 0:
+        return FullReference(model)
+    hydra = HydraReference(model, num_layers_unfrozen)
+    error = _reference_error(model, hydra)
+    if error <= 1e-4:
+        return hydra
+    logging.getLogger(__name__).warning(
+        "the hydra reference of %s differs from the model by %.2g; using a full frozen copy instead (correct, "
+        "slower)", type(model).__name__, error)
+    return FullReference(model)
+
+
+@torch.no_grad()
+def _reference_error(model: PreTrainedModel, hydra: HydraReference) -> float:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
+                use_cache=False)
+    diff = (hydra.logits(ids, mask, out.hidden_states).float() - out.logits.float()).abs()
+    return diff[mask.bool()].max().item()
 
 
 def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -11,13 +11,18 @@ from collections.abc import Callable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from transformers import AutoModelForCausalLM
 
 from services.trainer.checkpointing import load_trainer_state, prune, resume_candidates, save_checkpoint, update_best
 from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler, load_texts, make_prompts
 from services.trainer.loop import PPOTrainer
-from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_policy_and_tokenizer
+from services.trainer.policy import (
+    PolicyWithValueHead,
+    freeze_trunk,
+    load_policy,
+    load_policy_and_tokenizer,
+    make_reference,
+)
 from services.trainer.report import EVAL_PROMPTS, write_report
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
@@ -61,6 +66,8 @@ def train(config: TrainerConfig, reward_fn: RewardFn | None = None, prompts: Seq
 
 def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_step) -> None:
     t = config.train
+    if config.translation:
+        config.translation.log(log)
     configure_torch(t.torch_threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -69,7 +76,7 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     base, tokenizer = load_policy_and_tokenizer(config.model.model_path, config.model.revision,
                                                 config.tokenizer.tokenizer_path)
     tokenizer.truncation_side = config.tokenizer.truncation_side
-    reference = frozen_reference(base)  # the original weights, also when resuming
+    reference = make_reference(base, config.model.num_layers_unfrozen)  # the original weights, also when resuming
 
     train_prompts, eval_set = _prompts(config, prompts, eval_prompts)
     if main:  # the end-of-run report continues these prompts with the base and the trained policy
@@ -92,6 +99,7 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
 
     def build(model) -> PPOTrainer:  # a fresh sampler each time: a failed resume must leave nothing behind
         sampler = PromptSampler(train_prompts, t.seed + accelerator.process_index)
+        freeze_trunk(model, config.model.num_layers_unfrozen)
         policy = PolicyWithValueHead(model, config.model.value_head_hidden)
         return PPOTrainer(config, policy, reference, tokenizer, reward_fn, sampler, eval_set, accelerator)
 
@@ -143,10 +151,10 @@ def _run_steps(trainer: PPOTrainer, config: TrainerConfig, status: TrainingStatu
                 record = metrics.write(it, stats)
                 if on_step:
                     on_step(record)
-            if it % t.eval_interval == 0 or it == t.total_steps:
+            if config.evaluates_after(it):
                 last_eval = _evaluate(trainer, metrics, status, accelerator)
             stopping = status.stop_requested.is_set()
-            if it % t.checkpoint_interval == 0 or it == t.total_steps or stopping:
+            if config.checkpoints_after(it) or stopping:
                 _save(trainer, config, status, accelerator, metrics, stats | last_eval)
                 saved = it
             elapsed = time.perf_counter() - started
@@ -182,7 +190,7 @@ def _resume(config: TrainerConfig, status: TrainingStatus, accelerator, build) -
             if not info.valid:
                 raise ValueError(info.error)
             state = load_trainer_state(info.path)
-            trainer = build(AutoModelForCausalLM.from_pretrained(info.path).eval())
+            trainer = build(load_policy(str(info.path)))
             ranks = state["ranks"]  # a job resumed with fewer or more processes reuses the nearest rank's state
             trainer.load_state_dict(ranks[min(accelerator.process_index, len(ranks) - 1)] | state["shared"])
         except Exception as exc:  # noqa: BLE001 - any failure to load means: try the previous checkpoint

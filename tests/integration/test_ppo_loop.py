@@ -11,7 +11,7 @@ import torch
 from services.trainer.config import load_config
 from services.trainer.data import PromptSampler
 from services.trainer.loop import PPOTrainer
-from services.trainer.policy import PolicyWithValueHead, frozen_reference, load_policy_and_tokenizer
+from services.trainer.policy import PolicyWithValueHead, freeze_trunk, load_policy_and_tokenizer, make_reference
 from services.trainer.rewards import RewardError
 from tests.conftest import ROOT
 
@@ -32,8 +32,10 @@ def make_trainer(tiny_kit, reward_fn=length_reward, **overrides) -> PPOTrainer:
         "train.batch_size=8", "method.ppo_epochs=2", "method.gen_kwargs.max_new_tokens=12", *sets])
     torch.manual_seed(config.train.seed)
     base, tokenizer = load_policy_and_tokenizer(config.model.model_path)
+    reference = make_reference(base, config.model.num_layers_unfrozen)
+    freeze_trunk(base, config.model.num_layers_unfrozen)
     policy = PolicyWithValueHead(base)
-    return PPOTrainer(config, policy, frozen_reference(base), tokenizer, reward_fn,
+    return PPOTrainer(config, policy, reference, tokenizer, reward_fn,
                       PromptSampler(PROMPTS, config.train.seed), PROMPTS[:4])
 
 
@@ -64,9 +66,9 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tiny_kit):
 
     mask = response_mask(responses, tok.eos_token_id)
     rollouts = Rollouts(PROMPTS[:4], [""] * 4, enc.input_ids, enc.attention_mask, responses, mask)
-    logprobs, _, _ = trainer.policy_forward(rollouts)
+    logprobs, _, _, ref_logprobs = trainer.policy_forward(rollouts)
     assert torch.allclose(logprobs * mask, from_generate * mask, atol=1e-4)
-    assert torch.allclose(trainer.reference_forward(rollouts) * mask, logprobs * mask, atol=1e-5)
+    assert torch.allclose(ref_logprobs * mask, logprobs * mask, atol=1e-5)
 
 
 def short_reward(samples, prompts, outputs, **kw):
