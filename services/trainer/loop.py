@@ -186,10 +186,9 @@ class PPOTrainer:
         if self.ref_std is None:
             self.ref_std = m.ref_std or (scores.std().item() if len(scores) > 1 else 1.0)
         self.running.update(scores)
-        if m.scaling == "running":
-            scores = scores / max(self.running.std, 1e-8)
-        elif m.scaling == "ref":
-            scores = scores / max(self.ref_std, 1e-8)
+        if m.scaling:
+            std = self.running.std if m.scaling == "running" else self.ref_std
+            scores = scores / (std if std > 1e-8 else 1.0)  # identical scores so far: nothing to scale by (trlX: NaN)
         return scores
 
     @torch.no_grad()
