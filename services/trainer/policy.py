@@ -79,10 +79,10 @@ def _final_norm(model: PreTrainedModel) -> nn.Module:
 
 
 def freeze_trunk(model: PreTrainedModel, num_layers_unfrozen: int) -> None:
-    """trlX's `num_layers_unfrozen`: N >= 0 trains only the top N blocks, the final norm and an output head that is
+    """trlX's `num_layers_unfrozen`: N > 0 trains only the top N blocks, the final norm and an output head that is
     not tied to the input embeddings; the embeddings (token and position) and every lower block are frozen. (trlX
-    leaves the embeddings trainable: then the trunk's hidden states drift, and so does its hydra reference.)
-    -1 trains everything."""
+    leaves the position embeddings trainable: then the trunk's hidden states drift, and so does its hydra
+    reference.) 0 trains only the final norm, as trlX; -1 trains everything."""
     if num_layers_unfrozen < 0:
         return
     parent, name = decoder_blocks(model)
@@ -92,7 +92,7 @@ def freeze_trunk(model: PreTrainedModel, num_layers_unfrozen: int) -> None:
         block.requires_grad_(True)
     _final_norm(model).requires_grad_(True)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is not embeddings.weight:
+    if num_layers_unfrozen > 0 and head is not None and head.weight is not embeddings.weight:
         head.requires_grad_(True)
 
 

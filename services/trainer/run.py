@@ -38,7 +38,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prompts(config: TrainerConfig, prompts, eval_prompts) -> tuple[list[str], list[str]]:
+def run_prompts(config: TrainerConfig, prompts=None, eval_prompts=None) -> tuple[list[str], list[str]]:
+    """The training and eval prompts: those given (as trlx.train takes them), else made from `config.data`."""
     d = config.data
     if prompts is None or eval_prompts is None:
         train_texts, eval_texts = load_texts(d.source, d.text_column, d.split, d.eval_split)
@@ -47,6 +48,29 @@ def _prompts(config: TrainerConfig, prompts, eval_prompts) -> tuple[list[str], l
         if eval_prompts is None:
             eval_prompts = make_prompts(eval_texts, d.prompt_words, config.train.seed + 1, d.eval_prompts)
     return list(prompts), list(eval_prompts)
+
+
+def prepare_run_folder(config: TrainerConfig, eval_prompts: list[str]) -> None:
+    """The run folder as either engine starts it: the eval prompts (the end-of-run report continues them with the
+    base and the trained policy), and no leftovers of a process that died while saving."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config.run_dir / EVAL_PROMPTS, json.dumps(eval_prompts, indent=1))
+    for action in recover_checkpoints(config.run_dir):
+        log.warning("cleaning up after a process that died while saving: %s", action)
+
+
+def await_reward_service(config: TrainerConfig, status: TrainingStatus) -> bool:
+    """Wait for the reward service, saying so in the status; False when a stop came first."""
+    status.state = "waiting_for_reward"
+    try:
+        wait_for_reward_service(config.reward.url, config.reward.wait_ready_s,
+                                on_wait=lambda message: setattr(status, "message", message),
+                                api_key=config.reward.api_key, stop=status.stop_requested)
+    except CallInterrupted:
+        status.state = "stopped"  # nothing trained yet, nothing to save
+        return False
+    status.message = None
+    return True
 
 
 def train(config: TrainerConfig, reward_fn: RewardFn | None = None, prompts: Sequence[str] | None = None,
@@ -68,6 +92,14 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     t = config.train
     if config.translation:
         config.translation.log(log)
+    if t.engine == "trlx":
+        from services.trainer.trlx_engine import check_trlx_config, run_trlx
+
+        check_trlx_config(config, reward_fn)
+        run_trlx(config, prompts, eval_prompts, status, on_step)
+        if status.state == "finished" and config.generator.url:
+            report_run(config)
+        return
     configure_torch(t.torch_threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -78,23 +110,13 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     tokenizer.truncation_side = config.tokenizer.truncation_side
     reference = make_reference(base, config.model.num_layers_unfrozen)  # the original weights, also when resuming
 
-    train_prompts, eval_set = _prompts(config, prompts, eval_prompts)
-    if main:  # the end-of-run report continues these prompts with the base and the trained policy
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config.run_dir / EVAL_PROMPTS, json.dumps(eval_set, indent=1))
-        for action in recover_checkpoints(config.run_dir):
-            log.warning("cleaning up after a process that died while saving: %s", action)
+    train_prompts, eval_set = run_prompts(config, prompts, eval_prompts)
+    if main:
+        prepare_run_folder(config, eval_set)
     accelerator.wait_for_everyone()
     if reward_fn is None:
-        status.state = "waiting_for_reward"
-        try:
-            wait_for_reward_service(config.reward.url, config.reward.wait_ready_s,
-                                    on_wait=lambda message: setattr(status, "message", message),
-                                    api_key=config.reward.api_key, stop=status.stop_requested)
-        except CallInterrupted:
-            status.state = "stopped"  # nothing trained yet, nothing to save
+        if not await_reward_service(config, status):
             return
-        status.message = None
         reward_fn = remote_reward_fn(config.reward, stop=status.stop_requested)
 
     def build(model) -> PPOTrainer:  # a fresh sampler each time: a failed resume must leave nothing behind
@@ -115,7 +137,7 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
         if _run_steps(trainer, config, status, accelerator, metrics, on_step, progress):
             status.state = "finished"
             if main and config.generator.url:
-                _report(config)
+                report_run(config)
         else:
             status.state = "stopped"
     finally:
@@ -210,7 +232,7 @@ def _resume(config: TrainerConfig, status: TrainingStatus, accelerator, build) -
     return None
 
 
-def _report(config: TrainerConfig) -> None:
+def report_run(config: TrainerConfig) -> None:
     """The end-of-run report, through the generator and reward services; a failure here costs no training."""
     from shared.clients import GeneratorClient, RetryPolicy, RewardClient
 
