@@ -11,8 +11,7 @@ loopback) scores for every engine over HTTP. Each (engine, seed) trains configs/
                model every block trains, embeddings frozen, hydra reference);
   native_full  the same with num_layers_unfrozen=-1 (everything trains, full frozen reference copy);
   trlx         CarperAI/trlX itself (train.engine=trlx, num_layers_unfrozen=2; trlX refuses -1 and 0 here), in its
-               own environment (.cache/trlx-env); through train() when run.py dispatches on train.engine, else
-               through services.trainer.trlx_engine.run_trlx directly;
+               own environment (.cache/trlx-env), through train() like the native ones;
   trl          trl 0.11.4's legacy PPOTrainer, through bench/ppo.py's `Trl` runner with the same hyper-parameters,
                rollouts, minibatch and epochs, scoring through the same reward service.
 
@@ -151,26 +150,10 @@ def worker_main(argv: list[str]) -> None:
 def run_project_engine(config, spec: dict) -> dict:
     """native / native_full / trlx: the job as `rlhf train` runs it; numbers from its metrics.jsonl."""
     from services.trainer.run import train
-    from services.trainer.tracking import TrainingStatus
 
-    via = "train"
-    if spec["engine"] == "trlx":
-        import inspect
-
-        import services.trainer.run as run_module
-
-        if "run_trlx" not in inspect.getsource(run_module):  # run.py does not dispatch on train.engine (yet)
-            from services.trainer.trlx_engine import run_trlx
-
-            via = "run_trlx"
-            status = TrainingStatus(total=config.train.total_steps)
-            run_trlx(config, spec["prompts"], spec["eval_prompts"], status)
-            if status.state != "finished":
-                raise RuntimeError(f"trlX run ended {status.state}: {status.error or status.message}")
-    if via == "train":
-        status = train(config, prompts=spec["prompts"], eval_prompts=spec["eval_prompts"])
-        if status.state != "finished":
-            raise RuntimeError(f"run ended {status.state}: {status.error or status.message}")
+    status = train(config, prompts=spec["prompts"], eval_prompts=spec["eval_prompts"])  # engine: config's
+    if status.state != "finished":
+        raise RuntimeError(f"run ended {status.state}: {status.error or status.message}")
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines() if line]
     evals = [{"step": r["step"], "reward": r["eval/reward_mean"], "kl": r["eval/kl"],
               "response_length": r.get("eval/response_length")} for r in records if "eval/reward_mean" in r]
@@ -182,7 +165,7 @@ def run_project_engine(config, spec: dict) -> dict:
         t["other"] = t["iteration"] - sum(t.get(k, 0.0) for k in ("generate", "score", "forward", "update"))
         iterations.append({"step": r["step"], **{k: t.get(k, NAN) for k in PHASES},
                            "response_tokens": r.get("rollout/response_length")})
-    out = {"via": via, "evals": evals, "iterations": iterations,
+    out = {"via": "train", "evals": evals, "iterations": iterations,
            "peak_rss_mb": rounded(peak_rss_mb(resource.RUSAGE_SELF), 1), "peak_rss_of": "worker process"}
     if spec["engine"] == "trlx":
         out["launcher_peak_rss_mb"] = out["peak_rss_mb"]

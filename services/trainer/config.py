@@ -146,6 +146,22 @@ class GenKwargs(BaseModel):
     do_sample: bool = True
     temperature: float = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _known_arguments(self) -> GenKwargs:
+        """Checked at load, not when the first rollout would fail: every extra must be a `generate` setting, and
+        none may change the shape of what it returns (one sequence per prompt)."""
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict())
+        extras = self.model_extra or {}
+        unknown = sorted(set(extras) - known)
+        if unknown:
+            raise ValueError(f"not generate() settings: {', '.join(unknown)}")
+        if extras.get("num_return_sequences", 1) != 1 or extras.get("return_dict_in_generate"):
+            raise ValueError("num_return_sequences must be 1 and return_dict_in_generate unset: PPO samples one "
+                             "response per prompt (repeat prompts, or raise num_rollouts, for more)")
+        return self
+
 
 class MethodConfig(_Section):
     """PPO hyper-parameters; defaults are trlX's `ppo_sentiments` ones."""

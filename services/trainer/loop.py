@@ -159,7 +159,7 @@ class PPOTrainer:
             chunk = prompts[i : i + m.chunk_size]
             enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt,
                                  add_special_tokens=False).to(self.accelerator.device)
-            out = self.policy.base.generate(**enc, pad_token_id=self.eos, eos_token_id=self.eos, **gen)
+            out = self.policy.base.generate(**enc, **{"pad_token_id": self.eos, "eos_token_id": self.eos, **gen})
             queries.append(enc.input_ids)
             query_masks.append(enc.attention_mask)
             responses.append(out[:, enc.input_ids.shape[1]:])

@@ -347,6 +347,14 @@ def test_rollouts_use_gen_experience_kwargs_and_evaluation_gen_kwargs(tiny_kit):
     assert trainer.step()["rollout/response_length"] <= 3
 
 
+def test_gen_kwargs_may_name_the_special_tokens(tiny_kit):
+    """trlX configs may set eos_token_id / pad_token_id in gen_kwargs: they take the place of the defaults."""
+    eos = 0  # the tiny tokenizer's end-of-text id
+    trainer, _ = build(tiny_gpt2(tiny_kit), f"method.gen_kwargs.eos_token_id={eos}",
+                       f"method.gen_kwargs.pad_token_id={eos}")
+    assert len(trainer.generate(PROMPTS)) == len(PROMPTS)
+
+
 def test_without_gen_experience_kwargs_rollouts_use_gen_kwargs(tiny_kit):
     trainer, _ = build(tiny_gpt2(tiny_kit), "method.gen_kwargs.min_new_tokens=12")
     assert trainer.config.method.gen_experience_kwargs is None

@@ -389,6 +389,15 @@ def test_extra_generate_kwargs_pass_through():
         assert dumped[key] == value, key
 
 
+@pytest.mark.parametrize("extra, message", [({"no_such_setting": 1}, "not generate.. settings: no_such_setting"),
+                                            ({"num_return_sequences": 4}, "num_return_sequences must be 1")])
+def test_generate_kwargs_that_cannot_work_are_refused_at_load(extra, message):
+    """Checked when the file loads, not when the first rollout would crash."""
+    gen = {"max_new_tokens": 40, "top_k": 0, "top_p": 1.0, "do_sample": True, **extra}
+    with pytest.raises(ValueError, match=message):
+        load_config(None, base=trlx_dict(method__gen_kwargs=gen))
+
+
 def test_checked_keys_with_their_one_value_are_accepted_and_dropped():
     data = trlx_dict(model__model_arch_type="Causal", tokenizer__padding_side="LEFT", model__peft_config=None,
                      model__model_extra_configs={}, tokenizer__tokenizer_extra_configs={},
