@@ -52,6 +52,11 @@ bench-generator: tiny
 bench-ppo: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ppo.py
 
+# Native, trlX and trl 0.11.4 side by side (docs/trlx.md); needs the trlX environment (make trlx-env).
+.PHONY: bench-engines
+bench-engines: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/engines.py --out .cache/bench/engines.json
+
 # docker compose up for real on this machine (Docker engine, no registry): see tests/e2e/compose_smoke.sh.
 # compose-smoke-keys: the same with every API key set (and checked).
 .PHONY: compose-smoke-keys
