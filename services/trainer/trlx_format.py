@@ -21,19 +21,19 @@ TRLX_TRAIN_MARKERS = ("epochs", "trainer", "pipeline")
 
 # trlX keys accepted with no effect here, and why (the warning and docs/trlx.md say so).
 IGNORED = {
-    "train.pipeline": "prompts come from `data` (PromptPipeline's role)",
-    "train.trainer": "the engine is `train.engine` (native, or trlX's AcceleratePPOTrainer with engine trlx)",
+    "train.pipeline": "prompts come from the data section",
+    "train.trainer": "train.engine picks the engine: native, or trlX's own trainer",
     "train.trainer_kwargs": "no trainer class to pass them to",
-    "train.project_name": "tracking: metrics.jsonl and TensorBoard in the run folder",
-    "train.entity_name": "tracking: metrics.jsonl and TensorBoard in the run folder",
-    "train.group_name": "tracking: metrics.jsonl and TensorBoard in the run folder",
-    "train.tags": "tracking: metrics.jsonl and TensorBoard in the run folder",
-    "train.tracker": "tracking: metrics.jsonl and TensorBoard in the run folder",
-    "train.logging_dir": "tracking: metrics.jsonl and TensorBoard in the run folder",
+    "train.project_name": "metrics go to metrics.jsonl and TensorBoard in the run folder",
+    "train.entity_name": "metrics go to metrics.jsonl and TensorBoard in the run folder",
+    "train.group_name": "metrics go to metrics.jsonl and TensorBoard in the run folder",
+    "train.tags": "metrics go to metrics.jsonl and TensorBoard in the run folder",
+    "train.tracker": "metrics go to metrics.jsonl and TensorBoard in the run folder",
+    "train.logging_dir": "metrics go to metrics.jsonl and TensorBoard in the run folder",
     "train.rollout_logging_dir": "rollouts are not exported",
-    "train.save_best": "the best checkpoint is always recorded (best.json)",
+    "train.save_best": "best.json always names the best checkpoint",
     "train.save_optimizer": "checkpoints always hold the optimizer state, so that a run resumes exactly",
-    "train.minibatch_size": "gradient accumulation only saves memory; each batch_size minibatch is one step here",
+    "train.minibatch_size": "each batch_size minibatch is one step here, without gradient accumulation",
 }
 # trlX values that are accepted only when they mean what this project does (value, then why others are refused).
 MUST_BE = {
@@ -68,8 +68,11 @@ class Translation:
         for note in self.notes:
             logger.info("trlX config: %s", note)
         if self.ignored:
+            by_reason: dict[str, list[str]] = {}
+            for key in self.ignored:
+                by_reason.setdefault(IGNORED[key], []).append(key)
             logger.warning("trlX config: keys with no effect here: %s",
-                           "; ".join(f"{key} ({IGNORED[key]})" for key in self.ignored))
+                           "; ".join(f"{', '.join(keys)}: {why}" for why, keys in by_reason.items()))
 
 
 def is_trlx_config(data: Any) -> bool:
