@@ -13,6 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	# torch first and pinned: an open range would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# OpenRLHF's own remote-RM client for tests/api/test_reward_protocols.py: no deps (they pin deepspeed, vllm, ...);
+	# what openrlhf.utils.agent imports (aiohttp, pylatexenc) comes with the test extra.
+	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
 	touch $@
 
 venv: $(BIN)/.installed
@@ -104,3 +107,30 @@ trlx-env:
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# TRL 1.x (GRPOTrainer, RLOOTrainer, online DPO) and veRL's reward-manager code, beside the project's .venv (which
+# keeps trl 0.11.4, the legacy PPO oracle): where the adapters of shared/frameworks/ meet the frameworks themselves
+# (tests/e2e/test_trl_grpo.py, tests/integration/test_framework_adapters.py build it when missing). veRL comes without
+# its dependencies (vLLM, its GPU stack, a transformers<5.11 pin): only what its reward managers import. Idempotent:
+# a second run with the same pins only checks the stamp. RLHF_TRL_PYTHON points the tests at another such interpreter.
+TRL_ENV ?= .cache/trl-env
+TRL_VERSION ?= 1.16.0
+VERL_VERSION ?= 0.9.1
+VERL_REWARD_DEPS := ray omegaconf 'tensordict>=0.8.0,<=0.10.0,!=0.9.0' aiohttp codetiming
+
+.PHONY: trl-env
+trl-env:
+	@set -eu; env='$(TRL_ENV)'; \
+	stamp="trl=$(TRL_VERSION)\nverl=$(VERL_VERSION)\ndeps=$(VERL_REWARD_DEPS)\nproject=$$(cksum < pyproject.toml)"; \
+	if [ -f "$$env/.installed" ] && [ "$$(printf "$$stamp")" = "$$(cat "$$env/.installed")" ] \
+	   && "$$env/bin/python" -c "import trl, verl.trainer.ppo.reward, shared.frameworks.trl" >/dev/null 2>&1; then \
+	  echo "$$env is up to date (trl $(TRL_VERSION), verl $(VERL_VERSION))"; exit 0; fi; \
+	[ -x "$$env/bin/python" ] || $(PYTHON) -m venv "$$env"; \
+	"$$env/bin/pip" install --quiet --upgrade pip; \
+	"$$env/bin/pip" install --quiet torch==2.13.0; \
+	"$$env/bin/pip" install --quiet trl==$(TRL_VERSION) -e . $(VERL_REWARD_DEPS); \
+	"$$env/bin/pip" install --quiet --no-deps verl==$(VERL_VERSION); \
+	"$$env/bin/python" -c "import torch, trl, transformers, verl, verl.trainer.ppo.reward, shared.frameworks.trl; \
+	print('trl env ready:', '$$env', 'trl', trl.__version__, 'verl', verl.__version__, \
+	      'transformers', transformers.__version__, 'torch', torch.__version__)"; \
+	printf "$$stamp" > "$$env/.installed"

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 ScoreKind = Literal["prob", "logit"]
+# How a reward model takes its input: the text alone, (prompt, response) as a tokenizer text pair, or the
+# tokenizer's chat template with user = prompt and assistant = response; `auto`: chat when the tokenizer has a
+# chat template, else text.
+InputKind = Literal["text", "pair", "chat"]
+# Normalization bounds: (score - mean) / std stays finite for any score a model can produce.
+MAX_REWARD_MEAN, MIN_REWARD_STD, MAX_REWARD_STD = 1e12, 1e-12, 1e12
 
 
 def _utf8(text: str) -> str:
@@ -50,6 +56,24 @@ class ScoreRequest(BaseModel):
     truncate: bool | None = Field(
         None, description="Cut texts longer than the model's max_length (server default when omitted); when false "
         "such a text is rejected with 413.")
+    prompts: list[Text] | None = Field(
+        None, description="The prompt of each text, for prompt-and-response reward models: as many as texts, each a "
+        "prefix of its text (texts stay the whole prompt + response). A pair or chat model scores (prompt, "
+        "text[len(prompt):]); a single-text model ignores prompts.")
+
+    @model_validator(mode="after")
+    def _prompts_are_prefixes(self) -> ScoreRequest:
+        if self.prompts is None:
+            return self
+        if len(self.prompts) != len(self.texts):
+            raise ValueError(f"prompts has {len(self.prompts)} entries but texts has {len(self.texts)}: send one "
+                             "prompt per text")
+        bad = [i for i, (p, t) in enumerate(zip(self.prompts, self.texts)) if not t.startswith(p)]
+        if bad:
+            raise ValueError(f"prompts[{bad[0]}] is not a prefix of texts[{bad[0]}]"
+                             + (f" (nor are {len(bad) - 1} more)" if len(bad) > 1 else "")
+                             + ": each text must be its prompt followed by the response")
+        return self
 
 
 class ScoreResponse(BaseModel):
@@ -73,11 +97,32 @@ class ModelSpec(BaseModel):
     source: Text = Field(description="Local folder or Hugging Face hub id of a sequence-classification model.")
     label: Text | None = Field(
         None, description="Name of the reward label (matched exactly, else case-insensitively). Default: POSITIVE.")
-    score: ScoreKind = Field("prob", description="Return the label's probability or its logit.")
+    score: ScoreKind | None = Field(
+        None, description="Return the label's probability (`prob`) or its raw logit (`logit`). Default: prob, but "
+        "logit for a scalar-head reward model (num_labels 1), whose raw value is the reward (prob is refused there), "
+        "and for a model with `normalize`.")
     max_length: int | None = Field(None, ge=1, description="Token limit; default: the tokenizer's model_max_length.")
     revision: Text | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute precision; bfloat16 uses autocast (4x faster on CPUs with AMX).")
+    input: InputKind | Literal["auto"] = Field(
+        "text", description="How the model takes its input: `text` (the whole text), `pair` ((prompt, response) as "
+        "a tokenizer text pair), `chat` (the tokenizer's chat template, user = prompt, assistant = response) or "
+        "`auto` (chat when the tokenizer has a chat template, else text). pair and chat need `prompts` in requests.")
+    normalize: bool = Field(
+        False, description="Return (score - mean) / std, as OpenRLHF's --normalize_reward: mean and std from "
+        "reward_mean / reward_std, else from the model's config.json (`mean`, `std`). Needs raw scores (logit).")
+    reward_mean: float | None = Field(None, ge=-MAX_REWARD_MEAN, le=MAX_REWARD_MEAN, description="Mean for "
+                                      "`normalize`.")
+    reward_std: float | None = Field(None, ge=MIN_REWARD_STD, le=MAX_REWARD_STD, description="Std for `normalize`.")
+
+    @model_validator(mode="after")
+    def _normalization_is_consistent(self) -> ModelSpec:
+        if not self.normalize and (self.reward_mean is not None or self.reward_std is not None):
+            raise ValueError("reward_mean / reward_std apply only with normalize: true")
+        if self.normalize and self.score == "prob":
+            raise ValueError("normalize applies to raw scores: use score: logit (or leave score out)")
+        return self
 
 
 class NamedModelSpec(ModelSpec):
@@ -94,6 +139,9 @@ class ModelInfo(BaseModel):
     dtype: str
     device: str
     default: bool
+    input: InputKind = Field("text", description="How the model takes its input (`auto` resolved).")
+    reward_mean: float | None = Field(None, description="Normalization mean; null when scores are not normalized.")
+    reward_std: float | None = Field(None, description="Normalization std; null when scores are not normalized.")
 
 
 class ModelList(BaseModel):
@@ -167,20 +215,67 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointEntry]
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI `/v1/completions`; `model` is the checkpoint name."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    include_usage: bool = Field(False, description="End the stream with a chunk carrying `usage` (and no choices).")
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI `/v1/completions`; `model` is the checkpoint name. A null field means its default, as in OpenAI. Fields
+    not declared here are refused (400), never ignored; `top_k`, `min_p`, `repetition_penalty` and `min_tokens` are
+    vLLM's extensions."""
+
+    # Extras are kept so that the route can name them in its 400; the schema says they are refused.
+    model_config = ConfigDict(extra="allow", protected_namespaces=(),
+                              json_schema_extra={"additionalProperties": False})
 
     model: CheckpointName = "latest"
-    prompt: Text | list[Text] = ""
-    max_tokens: int = Field(16, ge=1)
+    prompt: Text | list[Text] = Field("", description="Text or a list of texts (token-id prompts are refused).")
+    suffix: Text | None = Field(None, description="Refused unless empty: the policy cannot fill in text.")
+    max_tokens: int = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5): greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Annotated[Text | list[Text] | None, AfterValidator(_bounded_stops)] = None
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, strict=True, description="Log-probabilities of each token and "
+                                 "of this many most likely ones, under the model's own distribution.")
+    best_of: int | None = Field(None, ge=1, description="Only 1 or n: candidates are not reranked.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | \
+        None = Field(None, max_length=300, description="Token id -> bias added to its logit.")
+    user: Text | None = Field(None, max_length=256, description="Accepted; changes nothing.")
+    top_k: int = Field(0, ge=-1, le=2**31 - 1, description="vLLM: keep the k most likely tokens (0 or -1: off).")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM: drop tokens below min_p x the top probability.")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="vLLM: penalize tokens of the prompt and "
+                                      "output so far (1: off).")
+    min_tokens: int = Field(0, ge=0, description="vLLM: no EOS or stop string before this many tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_input(cls, data):
+        if not isinstance(data, dict):
+            return data
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and any(isinstance(p, (int, list)) and not isinstance(p, bool) for p in prompt):
+            raise ValueError("prompt: token-id prompts are not supported; send the prompt as text")
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+
+
+class OpenAIModel(BaseModel):
+    id: str = Field(description="A name `model` accepts: `base`, `latest` or `<run>/step-<N>`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time: the checkpoint's manifest time (base: when the server started).")
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    """OpenAI `GET /v1/models`."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

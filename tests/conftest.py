@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast, not retry for ~50
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import socket  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -86,3 +87,12 @@ def serve():
     yield start
     for server in servers:
         server.stop()
+
+
+def framework_python() -> Path:
+    """The framework environment's interpreter: RLHF_TRL_PYTHON, else .cache/trl-env, built (or checked) by make."""
+    if os.environ.get("RLHF_TRL_PYTHON"):
+        return Path(os.environ["RLHF_TRL_PYTHON"])
+    done = subprocess.run(["make", "-s", "trl-env"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"make trl-env failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return ROOT / ".cache" / "trl-env" / "bin" / "python"

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from services.generator.checkpoints import CheckpointStore
 from services.generator.engine import GenerationItem, generate_batch
+from services.generator.openai_compat import OpenAIError, openai_error_handler
 from services.generator.routes import GeneratorMetrics, Streams, build_router
 from services.generator.settings import GeneratorSettings
 from shared.batching import Batcher
@@ -26,6 +27,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
     lifespan = loading.lifespan(settings.torch_threads, shutdown)
     app = create_service_app(title="Generator service", namespace="generator",
                              max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+    app.add_exception_handler(OpenAIError, openai_error_handler)  # OpenAI's `param` and `code` as well
     metrics = GeneratorMetrics(app.state.registry)
     store = CheckpointStore(settings.model, settings.checkpoints, resolve_device(settings.device),
                             settings.max_loaded_checkpoints, settings.revision, settings.max_concurrent_loads)

@@ -57,6 +57,11 @@ class LoadedPolicy:
         config = self.model.config
         return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores (its logits' width)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
 
 def load_policy(name: str, source: str, device: str, step: int | None = None, revision: str | None = None):
     tokenizer = load_pretrained(AutoTokenizer, source, revision=revision)

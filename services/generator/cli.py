@@ -28,7 +28,7 @@ def serve(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
-    """Serve POST /v1/generate, POST /v1/completions (OpenAI) and GET /v1/checkpoints (docs at /docs)."""
+    """Serve POST /v1/generate, POST /v1/completions and GET /v1/models (OpenAI), GET /v1/checkpoints (see /docs)."""
     import uvicorn
 
     from services.generator.app import create_app

@@ -1,4 +1,5 @@
-"""HTTP routes of the generator: native `/v1/generate`, OpenAI-compatible `/v1/completions`, the checkpoint list."""
+"""HTTP routes of the generator: native `/v1/generate`, OpenAI-compatible `/v1/completions` and `/v1/models`, the
+checkpoint list."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.generator.checkpoints import (
     BASE,
+    LATEST,
     CheckpointInvalidError,
     CheckpointNotFoundError,
     CheckpointStore,
@@ -30,11 +32,22 @@ from services.generator.engine import (
     Completion,
     GenerationItem,
     SamplingParams,
+    TokenLogprob,
     finish_stream,
     generate_streaming,
     new_request_id,
     sampling_params,
+    score_prompt,
     tokenize_prompts,
+    within,
+)
+from services.generator.openai_compat import (
+    LogprobsWriter,
+    OpenAIError,
+    check_request,
+    check_vocab,
+    completion_params,
+    echoed,
 )
 from services.generator.settings import GeneratorSettings
 from shared.batching import Batcher, BatchStats
@@ -46,10 +59,13 @@ from shared.schemas import (
     GeneratedText,
     GenerateRequest,
     GenerateResponse,
+    OpenAIModel,
+    OpenAIModelList,
 )
 from shared.server import RETRY_SOON, ApiError, batcher_errors, bearer_guard, request_id
 
 log = logging.getLogger(__name__)
+OWNER = "rlhf"  # `owned_by` of every model in the OpenAI list
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 500, 503)}
 
 
@@ -184,80 +200,149 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
                     for c in found]
         return CheckpointList(checkpoints=entries)
 
+    started = int(time.time())  # `created` of base: this server's start
+
+    def openai_model(name: str, created: float | None) -> OpenAIModel:
+        return OpenAIModel(id=name, created=int(created if created is not None else started), owned_by=OWNER)
+
+    @router.get("/models", response_model=OpenAIModelList)
+    async def models() -> OpenAIModelList:
+        """OpenAI's model list: `base`, `latest` and every valid checkpoint, by the names `model` accepts."""
+        valid = [c for c in await asyncio.to_thread(store.listing) if c.valid]
+        return OpenAIModelList(data=[openai_model(BASE, None), openai_model(LATEST, valid[-1].time if valid else None),
+                                     *(openai_model(c.name, c.time) for c in valid)])
+
+    @router.get("/models/{model_id:path}", response_model=OpenAIModel)
+    async def model(model_id: str) -> OpenAIModel:
+        """One model of the list (`<run>/step-<N>` holds a slash: sent as is or percent-encoded)."""
+        try:
+            info = await asyncio.to_thread(store.resolve, model_id)
+        except CheckpointNotFoundError:
+            raise OpenAIError(404, "model_not_found", f"The model {model_id[:200]!r} does not exist",
+                              param="model", code="model_not_found") from None
+        except CheckpointInvalidError as exc:
+            raise OpenAIError(409, "checkpoint_invalid", str(exc), param="model", code="checkpoint_invalid") from None
+        return openai_model(model_id, info.time if info else None)
+
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
-        """OpenAI-compatible completions; `model` names the checkpoint; `stream: true` sends server-sent events."""
-        if req.logprobs is not None or (req.best_of not in (None, 1)):
-            raise ApiError(422, "invalid_request", "logprobs and best_of are not supported")
+        """OpenAI-compatible completions; `model` names the checkpoint; `stream: true` sends server-sent events.
+        Parameters this server does not honour are refused (400), never ignored; see the README for the table."""
+        check_request(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ApiError(422, "invalid_request", "prompt must not be an empty list")
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        params = sampling_params(req.max_tokens, req.temperature, req.top_p, 0, req.seed, req.n, stop)
+        params = completion_params(req)
         check_limits(prompts, params, req.stream)
         policy = await policy_for(req.model)
+        check_vocab(params, policy.vocab_size)
         items = prepare(policy, prompts, params)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": policy.name}
         if req.stream:
-            chunks = stream_choices(items, req.n, request)
+            usage = {"prompt_tokens": sum(len(it.prompt_ids) for it in items), "completion_tokens": 0}
+            chunks = stream_choices(items, req, usage, request)
             with batcher_errors():  # admission (429, 503) and a model failing at once answer before the stream
                 first = await anext(chunks)
-            return StreamingResponse(_sse(first, chunks, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_sse(first, chunks, meta, usage if include_usage else None),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await run(items)
         choices, used = [], 0
         for i, (item, per_prompt) in enumerate(zip(items, results)):
             for j, c in enumerate(per_prompt):
-                text = (item.prompt if req.echo else "") + c.completion
-                choices.append({"text": text, "index": i * req.n + j, "logprobs": None,
+                prefix = item.prompt if req.echo else ""
+                logprobs = None
+                if req.logprobs is not None:
+                    entries = echoed(item.prompt, c.prompt_logprobs) if req.echo else []
+                    logprobs = LogprobsWriter(policy.tokenizer).render([*entries, *(c.logprobs or [])])
+                choices.append({"text": prefix + c.completion, "index": i * req.n + j, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason})
                 used += c.tokens
         prompt_tokens = sum(len(it.prompt_ids) for it in items)
         return {**meta, "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,
                                                       "total_tokens": prompt_tokens + used}}
 
-    async def stream_choices(items: list[GenerationItem], n: int, request: Request) -> AsyncIterator[dict]:
+    async def stream_choices(items: list[GenerationItem], req: CompletionRequest, usage: dict,
+                             request: Request) -> AsyncIterator[dict]:
         """Each (prompt, choice) in turn, token by token, within the stream admission bound."""
-        with streams.hold(len(items) * n):
+        loop = asyncio.get_running_loop()
+        with streams.hold(len(items) * req.n):
             for i, item in enumerate(items):
-                for j in range(n):
-                    async for chunk in stream_one(_choice(item, j), i * n + j, request):
+                scored = None
+                if item.params.prompt_logprobs:  # once per prompt, on the stream thread (it uses the model)
+                    scored = await loop.run_in_executor(streams.executor, score_prompt, item.policy, item.prompt_ids,
+                                                        item.params.logprobs or 0)
+                for j in range(req.n):
+                    echo = (item.prompt, echoed(item.prompt, scored)) if req.echo else None
+                    async for chunk in stream_one(_choice(item, j), i * req.n + j, echo, usage, request):
                         yield chunk
 
-    async def stream_one(item: GenerationItem, index: int, request: Request) -> AsyncIterator[dict]:
-        """One sequence as text deltas; generation stops within a token once the client is gone."""
+    async def stream_one(item: GenerationItem, index: int, echo: tuple[str, list[TokenLogprob]] | None,
+                         usage: dict, request: Request) -> AsyncIterator[dict]:
+        """One sequence as text deltas (the echoed prompt leads the first); generation stops within a token once
+        the client is gone. Text that may yet turn out to start a stop string (or be half a character) is held
+        back until it cannot; each chunk carries the logprobs of the tokens wholly inside what has been sent."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, TokenLogprob | None] | None] = asyncio.Queue()
         halt = threading.Event()
+        policy, params = item.policy, item.params
+        writer = LogprobsWriter(policy.tokenizer) if params.logprobs is not None else None
+        lead, lead_logprobs = echo if echo else ("", [])
 
-        def on_token(token: int) -> None:  # in the generate thread: counted as made, whether read or not
+        def chunk(text: str, entries: list[TokenLogprob], finish_reason: str | None) -> dict:
+            nonlocal lead, lead_logprobs
+            body = {"text": lead + text, "index": index,
+                    "logprobs": writer.render([*lead_logprobs, *entries]) if writer else None,
+                    "finish_reason": finish_reason}
+            lead, lead_logprobs = "", []
+            return body
+
+        def on_token(token: int, info: TokenLogprob | None) -> None:  # in the generate thread: counted as made
             metrics.tokens.inc()
-            loop.call_soon_threadsafe(queue.put_nowait, token)
+            loop.call_soon_threadsafe(queue.put_nowait, (token, info))
 
         def on_end() -> None:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         job = loop.run_in_executor(streams.executor, _stream_job, item, on_token, on_end, halt.is_set)
         ids: list[int] = []
-        sent = ""
+        infos: list[TokenLogprob | None] = []
+        sent, released = "", 0
         try:
-            while (token := await queue.get()) is not None:
-                ids.append(token)
-                done = finish_stream(item.policy, ids, item.params.stop)
+            while (entry := await queue.get()) is not None:
+                ids.append(entry[0])
+                infos.append(entry[1])
+                done = finish_stream(policy, ids, params)
                 if done.finish_reason == "stop" or await request.is_disconnected():
                     halt.set()  # the generate thread ends at its next token
-                elif len(done.completion) > len(sent):
-                    yield {"text": done.completion[len(sent):], "index": index, "finish_reason": None}
-                    sent = done.completion
+                    continue
+                safe = done.completion[: len(done.completion) - _unsettled(done.completion, params.stop)]
+                if len(safe) > len(sent) and safe.startswith(sent):
+                    upto = within(policy, ids, len(safe)) if writer else released
+                    yield chunk(safe[len(sent):], infos[released:upto], None)
+                    sent, released = safe, upto
             await job
         finally:  # also when the response is cancelled (client gone) or closed: never generate for nobody
             halt.set()
-        final = finish_stream(item.policy, ids, item.params.stop)
+        final = finish_stream(policy, ids, params)
+        usage["completion_tokens"] += final.tokens
         tail = final.completion[len(sent):] if final.completion.startswith(sent) else ""
-        yield {"text": tail, "index": index, "finish_reason": final.finish_reason}
+        yield chunk(tail, infos[released: final.kept], final.finish_reason)
 
     return router
+
+
+def _unsettled(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` may still change: the longest end that starts a stop string, or
+    replacement characters (a token that ends inside a UTF-8 character)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return hold
 
 
 def _choice(item: GenerationItem, j: int) -> GenerationItem:
@@ -278,11 +363,17 @@ def _event(body: dict) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-async def _sse(first: dict, rest: AsyncIterator[dict], meta: dict) -> AsyncIterator[bytes]:
-    yield _event({**meta, "choices": [{**first, "logprobs": None}]})
+async def _sse(first: dict, rest: AsyncIterator[dict], meta: dict, usage: dict | None) -> AsyncIterator[bytes]:
+    """The chunks as events; with `usage` (stream_options.include_usage) every chunk says `usage: null` and a last
+    one, with no choices, the request's usage."""
+    extra = {"usage": None} if usage is not None else {}
+    yield _event({**meta, "choices": [first], **extra})
     try:
         async for choice in rest:
-            yield _event({**meta, "choices": [{**choice, "logprobs": None}]})
+            yield _event({**meta, "choices": [choice], **extra})
+        if usage is not None:
+            total = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield _event({**meta, "choices": [], "usage": {**usage, "total_tokens": total}})
     except Exception as exc:  # headers are out: report in-band, as OpenAI does
         log.exception("request %s: streaming failed", request_id.get())
         yield _event({"error": {"type": "inference_error", "message": f"{type(exc).__name__}: {exc}",

@@ -6,9 +6,10 @@ import logging
 
 from fastapi import FastAPI
 
+from services.reward.compat import build_compat_router
 from services.reward.metrics import RewardMetrics
 from services.reward.registry import ModelRegistry
-from services.reward.routes import build_router
+from services.reward.routes import ScoringPath, build_router
 from services.reward.settings import RewardSettings
 from shared.runtime import resolve_device
 from shared.schemas import ModelSpec
@@ -40,5 +41,8 @@ def create_app(settings: RewardSettings) -> FastAPI:
         return registry.unhealthy()
 
     add_operational_routes(app, app.state.registry, not_ready)
+    # OpenRLHF's /get_reward and TEI's /predict (and POST /), on the same scoring path and key as /v1/score. Before
+    # /v1 in the schema: tests/reliability/test_fuzz_openapi.py walks it in order and DELETE /v1/models empties it.
+    app.include_router(build_compat_router(settings, ScoringPath(settings, registry, lambda: loading.loading)))
     app.include_router(build_router(settings, registry, lambda: loading.loading))
     return app

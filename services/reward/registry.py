@@ -86,7 +86,8 @@ class ModelRegistry:
             self._metrics.loaded.set(len(self._models))
             if old is not None:
                 self._retire(old)
-            log.info("model %r ready (label %s, max_length %d)", name, scorer.label, scorer.max_length)
+            log.info("model %r ready (label %s, score %s, input %s, max_length %d)", name, scorer.label,
+                     scorer.spec.score, scorer.input_kind, scorer.max_length)
             return handle, old is not None
 
     async def remove(self, name: str) -> None:
@@ -123,7 +124,8 @@ class ModelRegistry:
         return [
             ModelInfo(name=name, source=h.scorer.spec.source, labels=h.scorer.id2label, reward_label=h.scorer.label,
                       score_kind=h.scorer.spec.score, max_length=h.scorer.max_length, dtype=h.scorer.spec.dtype,
-                      device=h.scorer.device, default=name == self.default)
+                      device=h.scorer.device, default=name == self.default, input=h.scorer.input_kind,
+                      reward_mean=h.scorer.reward_mean, reward_std=h.scorer.reward_std)
             for name, h in self._models.items()
         ]
 

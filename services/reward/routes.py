@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Response
+from pydantic import BaseModel, Field
 
 from services.reward.registry import DefaultModelError, ModelCapError, ModelHandle, ModelRegistry, UnknownModelError
-from services.reward.scorer import TextTooLongError, resolve_label
+from services.reward.scorer import PromptsRequiredError, TextTooLongError, resolve_label
 from services.reward.settings import RewardSettings
 from services.reward.sources import SourcePolicy, SourceRefusedError
 from shared.batching import BatcherClosedError, Timing
@@ -31,6 +32,25 @@ MODEL_NAME = Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Mod
 
 class PutModel(ModelSpec):
     default: bool = False
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyRequest(ScoreRequest):
+    top_k: int | None = Field(
+        None, ge=1, description="Answer in the shape of transformers' pipeline(\"text-classification\", top_k=...): "
+        "for each text a list of {label, score}, highest score first, at most top_k labels (a top_k of at least the "
+        "number of labels returns them all). Omitted: the `labels` + `probabilities` answer.")
+
+
+def ranked(names: list[str], row: list[float], top_k: int | None = None) -> list[dict]:
+    """One text's labels as `{label, score}`, highest score first (ties in the model's label order), at most top_k:
+    the shape of transformers' text-classification pipeline and of text-embeddings-inference's /predict."""
+    order = sorted(range(len(row)), key=lambda i: -row[i])
+    return [{"label": names[i], "score": row[i]} for i in order[:top_k]]
 
 
 def _ms(seconds: float) -> str:
@@ -53,53 +73,60 @@ def _finite(values: list[float], model: str) -> None:
                            "its weights or dtype are broken")
 
 
-def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Callable[[], str | None]) -> APIRouter:
-    """`loading()` says which startup models are still loading, None once the load has ended."""
-    user = Depends(bearer_guard(lambda: settings.api_key))
-    admin = [Depends(_admin_enabled(settings)), Depends(bearer_guard(lambda: settings.admin_api_key))]
-    router = APIRouter(prefix="/v1", responses=_ERRORS)
-    sources = SourcePolicy(settings.model_dirs, [m.source for m in settings.models], settings.allow_hub_models)
+class ScoringPath:
+    """The one way a request's texts get scored, shared by the /v1 routes and the protocol routes (compat.py): the
+    model lookup, the request limits, tokenizing (off the loop when large) and the model's batcher.
 
-    def lookup(name: str | None) -> ModelHandle:
+    `loading()` says which startup models are still loading, None once the load has ended."""
+
+    def __init__(self, settings: RewardSettings, registry: ModelRegistry, loading: Callable[[], str | None]):
+        self.settings, self.registry, self.loading = settings, registry, loading
+        # A request larger than the queue could never be admitted: say so (413) rather than "retry later" (429).
+        self.max_texts = min(settings.max_texts_per_request, settings.batching.max_queue_size)
+
+    def lookup(self, name: str | None) -> ModelHandle:
         """The model to serve; 503 (retry) while the startup models load or when none is loaded, 404 for a name
         that is not loaded."""
         try:
-            return registry.get(name)
+            return self.registry.get(name)
         except UnknownModelError as exc:
-            if (why := loading()) or not len(registry):
+            if (why := self.loading()) or not len(self.registry):
                 raise ApiError(503, "unavailable", f"{why or 'no model is loaded'}; retry",
                                {"Retry-After": "2"}) from None
             raise ApiError(404, "model_not_found", exc.message) from None
 
-    # A request larger than the queue could never be admitted: say so (413) rather than "retry later" (429).
-    max_texts = min(settings.max_texts_per_request, settings.batching.max_queue_size)
-
-    def validate(req: ScoreRequest) -> None:
-        if len(req.texts) > max_texts:
+    def validate(self, req: ScoreRequest, field: str = "texts") -> None:
+        """The request limits; `field` names the client's list in the messages (`query` for OpenRLHF, ...)."""
+        if len(req.texts) > self.max_texts:
             raise ApiError(413, "payload_too_large", f"{len(req.texts)} texts in one request; the limit is "
-                           f"{max_texts}: split the list into chunks")
+                           f"{self.max_texts}: split the list into chunks")
         for i, text in enumerate(req.texts):
             if not text:
-                raise ApiError(422, "invalid_request", f"texts[{i}] is empty")
-            if len(text) > settings.max_text_chars:
-                raise ApiError(413, "payload_too_large",
-                               f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}")
+                raise ApiError(422, "invalid_request", f"{field}[{i}] is empty")
+            if len(text) > self.settings.max_text_chars:
+                raise ApiError(413, "payload_too_large", f"{field}[{i}] has {len(text)} characters; the limit is "
+                               f"{self.settings.max_text_chars}")
 
-    async def run(req: ScoreRequest, response: Response) -> tuple[ModelHandle, list[list[float]]]:
-        """Validate, tokenize (off the loop when large), wait for the batcher; retry once if the model was swapped."""
-        validate(req)
+    async def run(self, req: ScoreRequest, response: Response, *, field: str = "texts",
+                  too_long: tuple[int, str] = (413, "payload_too_large")) -> tuple[ModelHandle, list[list[float]]]:
+        """Validate, tokenize (off the loop when large), wait for the batcher; retry once if the model was swapped.
+        A text over max_length without truncation is refused with `too_long` (status, type)."""
+        settings = self.settings
+        self.validate(req, field)
         truncate = settings.truncate if req.truncate is None else req.truncate
         for attempt in range(2):
-            handle = lookup(req.model)
+            handle = self.lookup(req.model)
             loop = asyncio.get_running_loop()
             started = loop.time()
             try:
                 if sum(map(len, req.texts)) <= INLINE_TOKENIZE_CHARS:
-                    ids = handle.scorer.tokenize(req.texts, truncate)
+                    ids = handle.scorer.tokenize(req.texts, truncate, req.prompts)
                 else:
-                    ids = await asyncio.to_thread(handle.scorer.tokenize, req.texts, truncate)
+                    ids = await asyncio.to_thread(handle.scorer.tokenize, req.texts, truncate, req.prompts)
             except TextTooLongError as exc:
-                raise ApiError(413, "payload_too_large", str(exc)) from None
+                raise ApiError(*too_long, str(exc).replace("texts[", f"{field}[", 1)) from None
+            except PromptsRequiredError as exc:  # a pair or chat model was sent no prompts
+                raise ApiError(422, "invalid_request", f"model {handle.name!r}: {exc}") from None
             tokenized = loop.time() - started
             with batcher_errors():
                 try:
@@ -112,10 +139,19 @@ def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Cal
             return handle, logits
         raise AssertionError("unreachable")
 
+
+def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Callable[[], str | None]) -> APIRouter:
+    """`loading()` says which startup models are still loading, None once the load has ended."""
+    user = Depends(bearer_guard(lambda: settings.api_key))
+    admin = [Depends(_admin_enabled(settings)), Depends(bearer_guard(lambda: settings.admin_api_key))]
+    router = APIRouter(prefix="/v1", responses=_ERRORS)
+    sources = SourcePolicy(settings.model_dirs, [m.source for m in settings.models], settings.allow_hub_models)
+    scoring = ScoringPath(settings, registry, loading)
+
     @router.post("/score", response_model=ScoreResponse, dependencies=[user])
     async def score(req: ScoreRequest, response: Response) -> ScoreResponse:
         """The reward: one score per text, in order, for the model's reward label."""
-        handle, logits = await run(req, response)
+        handle, logits = await scoring.run(req, response)
         label_index = None
         if req.label is not None:
             try:
@@ -127,13 +163,16 @@ def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Cal
         label = handle.scorer.label if label_index is None else handle.scorer.id2label[label_index]
         return ScoreResponse(model=handle.name, label=label, score_kind=handle.scorer.spec.score, scores=scores)
 
-    @router.post("/classify", response_model=ClassifyResponse, dependencies=[user])
-    async def classify(req: ScoreRequest, response: Response) -> ClassifyResponse:
-        """Every label's probability for every text."""
-        handle, logits = await run(req, response)
+    @router.post("/classify", response_model=ClassifyResponse | list[list[LabelScore]], dependencies=[user])
+    async def classify(req: ClassifyRequest, response: Response) -> ClassifyResponse | list[list[dict]]:
+        """Every label's probability for every text. With `top_k`: transformers' text-classification pipeline shape
+        instead, for each text its top_k labels as `{label, score}`, highest first."""
+        handle, logits = await scoring.run(req, response)
         names = [handle.scorer.id2label[i] for i in range(len(handle.scorer.id2label))]
         probs = handle.scorer.probabilities(logits).tolist()
         _finite([p for row in probs for p in row], handle.name)
+        if req.top_k is not None:
+            return [ranked(names, row, req.top_k) for row in probs]
         return ClassifyResponse(model=handle.name, labels=names,
                                 probabilities=[dict(zip(names, row)) for row in probs])
 

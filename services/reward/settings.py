@@ -28,7 +28,8 @@ class RewardSettings(ServiceSettings):
     model: str | None = Field(None, description="Shorthand for one model: its source (folder or hub id).")
     label: str | None = Field(None, description="Shorthand: the reward label of `model` (default POSITIVE).")
     name: str = Field("default", description="Shorthand: the name of `model`.")
-    score: ScoreKind = Field("prob", description="Shorthand: `prob` or `logit` for `model`.")
+    score: ScoreKind | None = Field(
+        None, description="Shorthand: `prob` or `logit` for `model` (default: prob, logit for a scalar-head model).")
     batching: BatchingSettings = Field(default_factory=BatchingSettings, description="Dynamic batching.")
     admin_api_key: str | None = Field(
         None, description="Key for PUT/DELETE /v1/models. Model control is OFF (403) unless it is set; it must "

@@ -1,4 +1,4 @@
-"""`rlhf models build-tiny`: the offline kit of corpus, tokenizers, policy and classifiers.
+"""`rlhf models build-tiny`: the offline kit of corpus, tokenizers, policy, classifiers and reward models.
 
 Each artefact is written under a temporary name and renamed when complete, so a killed build never leaves a
 half-written model, and a second run with the same folder reuses every finished artefact.
@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.tiny.corpus import make_corpus, read_jsonl, write_jsonl
+from shared.tiny.reward_models import write_chat, write_gpt2, write_pair, write_scalar
 from shared.tiny.training import predict_proba, train_classifier, train_policy
 from shared.tiny.vocab import train_bpe_tokenizer, train_wordpiece_tokenizer
 
@@ -26,6 +27,9 @@ SEED = 1234
 TRAIN_SIZE, HELDOUT_SIZE = 6000, 900
 MAX_LENGTH = 256
 POLICY, SENTIMENT, SENTIMENT_3 = "tiny-gpt2", "tiny-sentiment", "tiny-sentiment-3"
+# Reward models of each kind the reward service serves (shared/tiny/reward_models.py); seconds to build.
+REWARD_SCALAR, REWARD_PAIR, REWARD_GPT2, REWARD_CHAT = (
+    "tiny-reward-scalar", "tiny-reward-pair", "tiny-reward-gpt2", "tiny-reward-chat")
 # DistilBERT-IMDB's label order. The 3-label model follows FinBERT: lower case and a different order, so anything
 # that picks the reward label by index instead of by name scores the wrong label.
 SENTIMENT_LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
@@ -98,11 +102,25 @@ def build_tiny(out: Path, threads: int = 2) -> dict:
         SENTIMENT: _atomic_dir(out, SENTIMENT, classifier_writer(SENTIMENT_LABELS, SENTIMENT_TARGETS)),
         SENTIMENT_3: _atomic_dir(out, SENTIMENT_3, classifier_writer(SENTIMENT_3_LABELS, SENTIMENT_3_TARGETS)),
     }
+    paths |= build_reward_models(out, heldout_texts=[r.text for r in heldout])
     report = evaluate_kit(out, heldout=heldout)
     report["build_seconds"] = round(time.perf_counter() - started, 1)
     report["paths"] = {k: str(v.resolve()) for k, v in paths.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def build_reward_models(out: Path, heldout_texts: list[str] | None = None) -> dict[str, Path]:
+    """Build (or reuse) the reward-model kinds under `out`; needs the corpus, tiny-gpt2 and tiny-sentiment there."""
+    if heldout_texts is None:
+        heldout_texts = [r.text for r in read_jsonl(out / "corpus" / "heldout.jsonl")]
+    policy, sentiment = out / POLICY, out / SENTIMENT
+    return {
+        REWARD_SCALAR: _atomic_dir(out, REWARD_SCALAR, lambda tmp: write_scalar(tmp, sentiment, heldout_texts)),
+        REWARD_PAIR: _atomic_dir(out, REWARD_PAIR, lambda tmp: write_pair(tmp, sentiment, SEED)),
+        REWARD_GPT2: _atomic_dir(out, REWARD_GPT2, lambda tmp: write_gpt2(tmp, policy, SEED)),
+        REWARD_CHAT: _atomic_dir(out, REWARD_CHAT, lambda tmp: write_chat(tmp, policy, SEED)),
+    }
 
 
 def evaluate_kit(out: Path, heldout, n_samples: int = 256, max_new_tokens: int = 20) -> dict:
