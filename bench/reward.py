@@ -14,14 +14,27 @@ classifier with random weights, 6 layers, dim 768, built from config and saved n
 From these it derives the issue's targets (they are about the base size): service at concurrency 64 >= 0.85 x
 ceiling, >= 4x the unbatched service at 64, and p50 at concurrency 1 within 10 ms of one forward pass.
 
+Part `replicas` (the tiny kit's sentiment classifier): scoring throughput of `RewardClient` (shared/clients.py)
+against 1 and then 2 replicas (two `rlhf reward serve` subprocesses, same settings, started once; the second idles
+while the first is measured alone). `--replica-callers` threads share one client and call `score()` on
+`--replica-call-texts` texts at a time in a closed loop; each call is split into requests of `--max-batch-size`
+texts, at most 2 per replica in flight per call, so every replica has the same requests in flight in both runs.
+texts/s counts the requests answered inside the window (the client's own per-replica counters). Target: 2 replicas
+>= 1.7x 1 replica. Also reported: each replica's share of the requests and CPU use, and the client's CPU use.
+Measured twice: `shared` (the replicas may use every core, as the processes come) and `one_core_each` (each replica
+pinned to a core of its own, every thread of it, as a container with `cpus: 1` would be; the client is not
+pinned). One replica alone uses a little more than one core (event loop and torch thread), so on a 2-core machine
+`shared` cannot reach 2x: the machine, not the client, is then the limit.
+
 Each load measurement also reports where the time went: the service's mean batch size, queue and inference time
 (from its response headers and /metrics), the service's CPU ms per text and the load generator's CPU use (read
 from /proc), so a low number can be told apart from a saturated load generator.
 
-Run (from the repo root; about 2.5 minutes on 2 cores with the defaults, tiny kit already built):
+Run (from the repo root; about 3 minutes on 2 cores with the defaults, tiny kit already built; `--parts
+replicas` alone about a minute):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/reward.py --sizes tiny,base [--duration 6] [--threads 1] \
-        [--dtype float32|bfloat16] [--max-batch-size 32] [--max-wait-ms 2] [--out result.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reward.py [--parts sizes,replicas] --sizes tiny,base [--duration 6] \
+        [--threads 1] [--dtype float32|bfloat16] [--max-batch-size 32] [--max-wait-ms 2] [--out result.json]
 
 Progress goes to stderr; the last line of stdout is one JSON object with every number.
 """
@@ -291,9 +304,111 @@ def derived(r: dict) -> dict:
     }
 
 
+# -- replicas: RewardClient spreading over 1 vs 2 reward services ---------------------------------------------------
+
+REPLICA_TARGET = 1.7  # 2 replicas against 1
+
+
+def client_load(services: list[tuple[str, object]], texts: list[str], args) -> dict:
+    """`args.replica_callers` threads calling one RewardClient's score() in a closed loop against `services`."""
+    import threading
+
+    from shared.clients import RewardClient
+
+    urls, pids = [u for u, _ in services], [proc.pid for _, proc in services]
+    n, size = len(urls), args.replica_call_texts
+    client = RewardClient(urls, chunk_size=args.max_batch_size, max_concurrency=2 * n, timeout=120)
+    stop = threading.Event()
+    calls, errors = [], []
+
+    def caller(k: int) -> None:
+        i = k * size
+        while not stop.is_set():
+            batch = [texts[(i + j) % len(texts)] for j in range(size)]
+            i += args.replica_callers * size
+            try:
+                client.score(batch)
+                calls.append(time.perf_counter())
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors.append(repr(exc))
+
+    def snapshot() -> dict:
+        reps = {r.url: r.answered for r in client.replicas}
+        return {"t": time.perf_counter(), "answered": reps, "client_cpu": time.process_time(),
+                "service_cpu": [common.process_cpu_seconds(pid) for pid in pids]}
+
+    workers = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(args.replica_callers)]
+    for w in workers:
+        w.start()
+    time.sleep(args.warmup)
+    first = snapshot()
+    time.sleep(args.duration)
+    last = snapshot()
+    stop.set()
+    for w in workers:
+        w.join(timeout=120)
+    client.close()
+    wall = last["t"] - first["t"]
+    requests = {u: last["answered"][u] - first["answered"].get(u, 0) for u in urls}
+    return {
+        "replicas": n,
+        "texts_per_s": rounded(sum(requests.values()) * args.max_batch_size / wall, 1),
+        "calls_per_s": rounded(sum(first["t"] <= t <= last["t"] for t in calls) / wall, 2),
+        "requests_per_replica": list(requests.values()),
+        "errors": len(errors), "first_error": errors[0] if errors else None,
+        "service_cpu_cores": [rounded((b - a) / wall) for a, b in zip(first["service_cpu"], last["service_cpu"])],
+        "client_cpu_cores": rounded((last["client_cpu"] - first["client_cpu"]) / wall),
+    }
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` onto `cpus` (sched_setaffinity on a pid moves only its main thread)."""
+    import os
+
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def bench_replicas(model_dir: Path, texts: list[str], work: Path, args) -> dict:
+    import os
+
+    settings = {"model_dir": str(model_dir), "callers": args.replica_callers,
+                "texts_per_call": args.replica_call_texts, "texts_per_request": args.max_batch_size,
+                "in_flight_per_replica_per_call": 2}
+    every_core = os.sched_getaffinity(0)
+    result: dict = {**settings}
+    with contextlib.ExitStack() as stack:
+        services = [stack.enter_context(reward_service(
+            model_dir, work, f"replica-{i}", threads=args.threads, dtype=args.dtype, max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms, log_level=args.service_log_level)) for i in range(2)]
+        for mode in ("shared", "one_core_each"):
+            cores = sorted(every_core)
+            for i, (_, proc) in enumerate(services):
+                pin(proc.pid, {cores[i % len(cores)]} if mode == "one_core_each" else every_core)
+            runs = {}
+            for n in (1, 2):
+                r = client_load(services[:n], texts, args)
+                log(f"{mode}, replicas={n}: {r['texts_per_s']} texts/s, requests per replica "
+                    f"{r['requests_per_replica']}, services {r['service_cpu_cores']} cores, client "
+                    f"{r['client_cpu_cores']} cores, errors {r['errors']}")
+                runs[str(n)] = r
+            one, two = runs["1"]["texts_per_s"], runs["2"]["texts_per_s"]
+            runs["speedup"] = rounded(two / one, 2) if one else float("nan")
+            result[mode] = runs
+    best = max(result["shared"]["speedup"], result["one_core_each"]["speedup"])
+    result["targets_met"] = {f"speedup>={REPLICA_TARGET} (shared)": result["shared"]["speedup"] >= REPLICA_TARGET,
+                             f"speedup>={REPLICA_TARGET} (one_core_each)":
+                                 result["one_core_each"]["speedup"] >= REPLICA_TARGET}
+    log(f"2 replicas against 1: {result['shared']['speedup']}x shared, {result['one_core_each']['speedup']}x one "
+        f"core each (best {best}x)")
+    return result
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="tiny,base", help="comma-separated: tiny, base")
+    p.add_argument("--parts", default="sizes,replicas", help="comma-separated: sizes, replicas")
+    p.add_argument("--sizes", default="tiny,base", help="comma-separated: tiny, base (part sizes)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds measured per load level (and ceiling)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured window")
     p.add_argument("--threads", type=int, default=1,
@@ -302,9 +417,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="the service's batch size and the pipeline's")
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--service-log-level", default="warning", help="the service's log level (info logs each request)")
+    p.add_argument("--replica-callers", type=int, default=4, help="threads calling score() (part replicas)")
+    p.add_argument("--replica-call-texts", type=int, default=256, help="texts per score() call (part replicas)")
     common.add_output_options(p)
     args = p.parse_args(argv)
     args.sizes = common.split_sizes(p, args.sizes, ("tiny", "base"))
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if not args.parts or set(args.parts) - {"sizes", "replicas"}:
+        p.error(f"--parts takes sizes and/or replicas, got {args.parts}")
     return args
 
 
@@ -312,8 +432,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     common.prepare_process(args.threads)
     started = time.perf_counter()
-    settings = {"dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-                "duration_s": args.duration, "warmup_s": args.warmup}
+    settings = {"parts": args.parts, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
+                "max_wait_ms": args.max_wait_ms, "duration_s": args.duration, "warmup_s": args.warmup}
     report = common.report_header(args.threads, settings)
     report["code"] = common.code_version()
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-reward-"))
@@ -322,14 +442,18 @@ def main(argv: list[str]) -> None:
         texts = common.heldout_texts(tiny)
         texts_file = work / "texts.json"
         texts_file.write_text(json.dumps(texts))
-        for size in args.sizes:
+        for size in args.sizes if "sizes" in args.parts else []:
             model_dir = tiny / "tiny-sentiment" if size == "tiny" else build_base_model(
                 tiny / "tiny-sentiment", work / "distilbert-base-random")
             report[size] = bench_size(size, model_dir, texts, texts_file, work, args)
+        if "replicas" in args.parts:
+            report["replicas"] = bench_replicas(tiny / "tiny-sentiment", texts, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "base" in report:
         report["targets_met"] = report["base"]["targets_met"]  # the issue's targets are about the base size
+    if "replicas" in report:
+        report.setdefault("targets_met", {}).update(report["replicas"]["targets_met"])
     common.print_report(report, started, args.out)
 
 

@@ -3,17 +3,25 @@
 Retried: connection errors and timeouts, 429, 502, 503 and 504 (honouring `Retry-After` up to a cap), and a 500
 once (a worker that died restarts). Never retried: other 4xx, which mean the request itself is wrong, and a 500 that
 repeats. All retries of one call share one deadline. Every error surfaces as `ServiceError` with the server's message.
+
+RewardClient spreads its chunks over reward service replicas (`ReplicaSet`): a list of URLs, or one URL whose host
+name resolves to several addresses (`docker compose up --scale reward=N`), re-resolved periodically. A replica that
+fails is marked down, skipped while down and re-admitted once its /readyz answers 200; the failed chunk goes to
+another replica at once (a retry like any other: same deadline, same attempt count).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import random
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +118,10 @@ class _Call:
         left = self.policy.deadline_s - (time.monotonic() - self.started)
         return max(0.001, min(self.client.timeout, left))
 
-    def next_delay(self, outcome: httpx.Response | Exception) -> float:
-        """Seconds to wait before trying again, or raise ServiceError when `outcome` is final."""
+    def next_delay(self, outcome: httpx.Response | Exception, failover: str | None = None) -> float:
+        """Seconds to wait before trying again, or raise ServiceError when `outcome` is final. `failover`: the
+        replica that failed, when another one can take the retry at once (no wait: the backoff and a Retry-After
+        are about the replica that failed)."""
         status = getattr(outcome, "status_code", None)
         if isinstance(outcome, httpx.Response):
             error = _error_from(outcome)
@@ -121,7 +131,7 @@ class _Call:
             retry_after, why = _retry_after(outcome), str(error)
         else:
             retry_after, why = None, f"{type(outcome).__name__}: {outcome}"
-        delay = self.policy.delay(self.attempt, retry_after)
+        delay = 0.0 if failover else self.policy.delay(self.attempt, retry_after)
         elapsed = time.monotonic() - self.started
         out_of_tries = self.policy.max_retries is not None and self.attempt >= self.policy.max_retries
         out_of_time = self.policy.deadline_s is not None and elapsed + delay >= self.policy.deadline_s
@@ -130,7 +140,10 @@ class _Call:
             raise ServiceError(f"{c.name} at {c.url} failed after {self.attempt + 1} attempts in {elapsed:.1f} s "
                                f"({why})", status, getattr(error, "type", None) if status else None)
         self.attempt += 1
-        log.warning("%s at %s: %s; retrying in %.2f s (retry %d)", c.name, c.url, why, delay, self.attempt)
+        if failover:
+            log.warning("%s at %s: %s; retrying on another replica (retry %d)", c.name, failover, why, self.attempt)
+        else:
+            log.warning("%s at %s: %s; retrying in %.2f s (retry %d)", c.name, c.url, why, delay, self.attempt)
         return delay
 
 
@@ -199,6 +212,317 @@ class AsyncHttpJsonClient(_Retrying, _AsyncClosesOnExit):
         await self._http.aclose()
 
 
+# -- replicas ---------------------------------------------------------------------------------------------------------
+
+def split_urls(url: str | Sequence[str]) -> list[str]:
+    """One URL, several comma-separated in one string, or a list of either: the base URLs, in order, without
+    duplicates or trailing slashes."""
+    parts = [url] if isinstance(url, str) else list(url)
+    urls: list[str] = []
+    for part in parts:
+        for u in str(part).split(","):
+            u = u.strip().rstrip("/")
+            if u and u not in urls:
+                urls.append(u)
+    if not urls:
+        raise ValueError(f"no service URL in {url!r}")
+    return urls
+
+
+def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address of `host` (getaddrinfo: A and AAAA records), sorted. The IPv4 ones when there are any, else
+    the IPv6 ones: a dual-stack replica has one of each and must count once."""
+    found: dict[int, set[str]] = {socket.AF_INET: set(), socket.AF_INET6: set()}
+    for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if family in found and "%" not in sockaddr[0]:  # a link-local address with a scope id is no URL host
+            found[family].add(sockaddr[0])
+    return sorted(found[socket.AF_INET] or found[socket.AF_INET6], key=ipaddress.ip_address)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(eq=False)
+class Replica:
+    """One place to send requests: `url` to connect to. When `url` names an address that stands for a host name,
+    `host` is the name's Host header and `sni` its TLS server name, so virtual hosts, SNI and certificate checks
+    see the name, not the address."""
+
+    url: str
+    name: str  # in logs and errors: the configured URL, and the address when it was resolved
+    host: str | None = None
+    sni: str | None = None
+    down_until: float | None = None  # None: up; else skipped, and probed from then on until it answers
+    failures: int = 0  # in a row
+    in_flight: int = 0
+    probing: bool = False
+    answered: int = 0  # requests it answered (not counting failures), for tests and logs
+    failed: int = 0
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.url, self.host
+
+    @property
+    def up(self) -> bool:
+        return self.down_until is None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"host": self.host} if self.host else None
+
+    @property
+    def extensions(self) -> dict[str, str] | None:
+        return {"sni_hostname": self.sni} if self.sni else None
+
+
+class ReplicaSet:
+    """The replicas behind a list of base URLs, with their health; thread-safe.
+
+    A URL whose host name resolves to several addresses stands for one replica per address (connected to by
+    address, with the name as Host header and TLS server name); a URL that resolves to one address, or to none
+    yet, is one replica used as written (so a single-URL client works exactly as before). Names are resolved again
+    every `resolve_every_s` seconds in a background thread (within a second after a replica fails, or while every
+    replica is down), so replicas that come and go are followed; a replica that stays keeps its health.
+
+    `pick()` gives the up replica with the fewest requests in flight (round-robin among equals). A replica that
+    `fail()`s is down for `down_s` seconds, doubling with each failure in a row up to `down_max_s` (and at least a
+    server's Retry-After, up to that cap); once that is over, `probe` (GET /readyz) runs in the background, again
+    after each failed probe, until it answers and the replica is up again. When no replica is up, `pick()` gives
+    the one whose down time ends first: the caller's retry, after its backoff, is then the probe. A single replica
+    is never probed (its retries are).
+    """
+
+    def __init__(self, urls: str | Sequence[str], *, resolve: Callable[[str, int], list[str]] = resolve_addresses,
+                 resolve_every_s: float = 10.0, down_s: float = 1.0, down_max_s: float = 30.0,
+                 probe: Callable[[Replica], bool] | None = None, name: str = "service"):
+        self.urls = split_urls(urls)
+        self.resolve, self.resolve_every_s = resolve, resolve_every_s
+        self.down_s, self.down_max_s = down_s, down_max_s
+        self.probe, self.name = probe, name
+        self._lock = threading.Lock()
+        self._turn = 0
+        self._resolving = False
+        self._failed_since_resolve = False  # a replica failed: resolve again soon (it may be gone for good)
+        self._replicas: list[Replica] = []
+        self._names = any(not _is_ip(httpx.URL(u).host) for u in self.urls)  # anything to resolve again
+        self._install(self._expand())
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    @property
+    def replicas(self) -> list[Replica]:
+        """The current replicas (a copy of the list; the objects themselves are live)."""
+        with self._lock:
+            return list(self._replicas)
+
+    def up_count(self) -> int:
+        with self._lock:
+            return sum(r.up for r in self._replicas)
+
+    # -- what the replicas are
+
+    def _expand(self) -> list[Replica]:
+        out: dict[tuple, Replica] = {}
+        for url in self.urls:
+            u = httpx.URL(url)
+            addresses: list[str] = []
+            if u.host and not _is_ip(u.host):
+                try:
+                    addresses = self.resolve(u.host, u.port or (443 if u.scheme == "https" else 80))
+                except (OSError, UnicodeError) as exc:  # not resolvable now: used as written, resolved again later
+                    log.debug("%s: could not resolve %s (%s)", self.name, u.host, exc)
+            if len(addresses) <= 1:
+                found = [Replica(url=url, name=url)]
+            else:
+                found = [Replica(url=str(u.copy_with(host=a)).rstrip("/"), name=f"{url} ({a})",
+                                 host=u.netloc.decode("ascii"), sni=u.host if u.scheme == "https" else None)
+                         for a in addresses]
+            for r in found:
+                out.setdefault(r.key, r)
+        return list(out.values())
+
+    def _install(self, found: list[Replica]) -> None:
+        """Take the replicas `found`, keeping the state of those already known. Caller holds no lock."""
+        with self._lock:
+            self._resolved_at = time.monotonic()
+            known = {r.key: r for r in self._replicas}
+            new = [known.get(r.key, r) for r in found]
+            if [r.key for r in new] != [r.key for r in self._replicas]:
+                if self._replicas:
+                    log.info("%s replicas: %s", self.name, ", ".join(r.name for r in new))
+                self._replicas = new
+
+    def _refresh(self) -> None:
+        try:
+            self._install(self._expand())
+        except Exception as exc:  # noqa: BLE001 - keep the replicas known; try again next time
+            log.warning("%s: resolving the replicas failed: %s", self.name, exc)
+        finally:
+            self._resolving = False
+
+    def _maybe_refresh(self, now: float, all_down: bool) -> None:
+        """Start a re-resolution in the background when one is due. Caller holds the lock."""
+        soon = all_down or self._failed_since_resolve
+        due = min(1.0, self.resolve_every_s) if soon else self.resolve_every_s
+        if not self._names or self._resolving or now - self._resolved_at < due:
+            return
+        self._resolving = True
+        self._failed_since_resolve = False
+        self._resolved_at = now
+        threading.Thread(target=self._refresh, name="replica-resolve", daemon=True).start()
+
+    # -- health
+
+    def _down_for(self, r: Replica, retry_after: float | None = None) -> float:
+        period = min(self.down_max_s, self.down_s * 2 ** max(0, r.failures - 1))
+        return max(period, min(retry_after or 0.0, self.down_max_s))
+
+    def pick(self) -> Replica:
+        """The replica for the next request (its in-flight count is raised; end with `done` or `fail`)."""
+        now = time.monotonic()
+        with self._lock:
+            replicas = self._replicas
+            up = [r for r in replicas if r.up]
+            self._maybe_refresh(now, all_down=not up)
+            if len(replicas) > 1 and self.probe is not None:
+                for r in replicas:
+                    if not r.up and not r.probing and now >= r.down_until:
+                        r.probing = True
+                        threading.Thread(target=self._probe, args=(r,), name="replica-probe", daemon=True).start()
+            if up:
+                self._turn += 1
+                n = len(up)
+                r = min((up[(self._turn + i) % n] for i in range(n)), key=lambda r: r.in_flight)
+            else:
+                r = min(replicas, key=lambda r: r.down_until)
+            r.in_flight += 1
+            return r
+
+    def others_up(self, replica: Replica) -> bool:
+        """Whether a replica other than `replica` is up (a failed request can go there at once)."""
+        with self._lock:
+            return any(r.up and r is not replica for r in self._replicas)
+
+    def done(self, r: Replica) -> None:
+        """`r` answered (any answer that is not a failure of the replica itself): it is up."""
+        with self._lock:
+            r.in_flight -= 1
+            r.answered += 1
+            r.failures = 0
+            if not r.up and len(self._replicas) > 1:
+                log.info("%s replica %s answers again: back in use", self.name, r.name)
+            r.down_until = None
+
+    def fail(self, r: Replica, why: str, retry_after: float | None = None) -> None:
+        """`r` failed a request (no connection, a timeout, a 5xx, 429): down for a while."""
+        now = time.monotonic()
+        with self._lock:
+            r.in_flight -= 1
+            r.failed += 1
+            was_up = r.up
+            if was_up or now >= r.down_until:  # not for each request that was already in flight when it went down
+                r.failures += 1
+            period = self._down_for(r, retry_after)
+            r.down_until = max(r.down_until or 0.0, now + period)
+            self._failed_since_resolve = True
+            if was_up and len(self._replicas) > 1:
+                log.warning("%s replica %s marked down for %.1f s: %s", self.name, r.name, period, why)
+
+    def _probe(self, r: Replica) -> None:
+        try:
+            ok = bool(self.probe(r))
+        except Exception:  # noqa: BLE001 - an unreachable replica stays down
+            ok = False
+        with self._lock:
+            r.probing = False
+            if r.up:
+                return
+            if ok:
+                r.down_until = None
+                log.info("%s replica %s is ready again: back in use", self.name, r.name)
+            else:
+                r.failures += 1
+                r.down_until = time.monotonic() + self._down_for(r)
+
+
+class ReplicatedHttpJsonClient(_Retrying, _ClosesOnExit):
+    """Blocking JSON-over-HTTP with retries, over the replicas of a `ReplicaSet`: each attempt goes to the replica
+    `pick()` gives; a replica that fails is marked down and the retry goes to another one at once, or, when none is
+    up, after the backoff (with one replica: exactly HttpJsonClient). With several replicas a connection must be
+    made within `connect_timeout` seconds: the address of a container that is gone answers nothing, and would
+    otherwise hold its chunk for the whole `timeout`. Thread-safe: chunks of one call may run in several threads.
+    `interrupt` ends a call that is waiting to retry (CallInterrupted), as in HttpJsonClient."""
+
+    def __init__(self, url: str | Sequence[str], *, api_key: str | None = None, timeout: float = 60.0,
+                 retry: RetryPolicy = RetryPolicy(), name: str = "service",
+                 transport: httpx.BaseTransport | None = None, interrupt: threading.Event | None = None,
+                 resolve: Callable[[str, int], list[str]] | None = None, resolve_every_s: float = 10.0,
+                 down_s: float = 1.0, down_max_s: float = 30.0, connect_timeout: float = 5.0):
+        urls = split_urls(url)
+        super().__init__(", ".join(urls), api_key, timeout, retry, name)
+        self.connect_timeout = connect_timeout
+        self._http = httpx.Client(headers=self.headers, timeout=timeout, transport=transport)
+        self.interrupt = interrupt or threading.Event()
+        self.replicas = ReplicaSet(urls, resolve=resolve or resolve_addresses, resolve_every_s=resolve_every_s,
+                                   down_s=down_s, down_max_s=down_max_s, probe=self._ready, name=name)
+
+    def _ready(self, r: Replica) -> bool:
+        response = self._http.get(r.url + "/readyz", headers=r.headers, extensions=r.extensions,
+                                  timeout=min(5.0, self.timeout))
+        return response.status_code == 200
+
+    def request(self, method: str, path: str, json: Any = None, cancel: threading.Event | None = None) -> Any:
+        """One request, retried as the policy says. A set `cancel` (the rest of a call failed) ends it at its next
+        wait, as `interrupt` does."""
+        call = _Call(self)
+        while True:
+            r = self.replicas.pick()
+            timeout: float | httpx.Timeout = call.timeout()
+            if len(self.replicas) > 1:  # a replica that is gone (its address unanswered) must not hold a chunk long
+                timeout = httpx.Timeout(timeout, connect=min(timeout, self.connect_timeout))
+            try:
+                response = self._http.request(method, r.url + path, json=json, headers=r.headers,
+                                              extensions=r.extensions, timeout=timeout)
+            except httpx.TransportError as exc:
+                self.replicas.fail(r, f"{type(exc).__name__}: {exc}")
+                outcome: httpx.Response | Exception = exc
+            else:
+                status = response.status_code
+                if status >= 500 or status in RETRY_STATUSES:
+                    self.replicas.fail(r, f"HTTP {status}", _retry_after(response))
+                else:
+                    self.replicas.done(r)
+                if response.is_success:
+                    return response.json() if response.content else None
+                outcome = response
+            delay = call.next_delay(outcome, failover=r.name if self.replicas.others_up(r) else None)
+            if delay > 0 and self._wait(delay, cancel):
+                why = outcome if isinstance(outcome, Exception) else _error_from(outcome)
+                raise CallInterrupted(f"{self.name} at {r.name}: call interrupted while waiting to retry ({why})")
+
+    def _wait(self, delay: float, cancel: threading.Event | None) -> bool:
+        """Sleep `delay` s; True as soon as `interrupt` (or `cancel`) is set."""
+        if cancel is None:
+            return self.interrupt.wait(delay)
+        end = time.monotonic() + delay
+        while not (self.interrupt.is_set() or cancel.is_set()):
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            cancel.wait(min(left, 0.05))
+        return True
+
+    def close(self) -> None:
+        self._http.close()
+
+
 def _chunks(texts: Sequence[str], size: int) -> list[list[str]]:
     return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
 
@@ -220,33 +544,100 @@ def _payload(texts: list[str], model: str | None, label: str | None = None) -> d
 
 
 class RewardClient(_ClosesOnExit):
-    """Blocking client of the reward service. Long lists are split into `chunk_size` requests."""
+    """Blocking client of the reward service. Long lists are split into requests of at most `chunk_size` texts.
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, label: str | None = None,
-                 api_key: str | None = None, timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 chunk_size: int = 256, transport: httpx.BaseTransport | None = None,
-                 interrupt: threading.Event | None = None):
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be >= 1")
+    `url`: one base URL, several (a list, or comma-separated), or a host name with several addresses (the replicas
+    of `docker compose up --scale reward=N`, as `http://reward:8000`). With several replicas, a call is split into
+    at least one chunk per replica that is up, and its chunks go out concurrently (at most `max_concurrency` at
+    once; default: two per replica), each to the replica with the least in flight; a replica that fails is skipped
+    until its /readyz answers again, and its chunks are retried on the others. Scores come back in order; every
+    chunk keeps the retry policy (one deadline for all its attempts). With one replica the chunks go one after the
+    other, as they always did. Thread-safe.
+    """
+
+    def __init__(self, url: str | Sequence[str] = "http://127.0.0.1:8000", *, model: str | None = None,
+                 label: str | None = None, api_key: str | None = None, timeout: float = 60.0,
+                 retry: RetryPolicy = RetryPolicy(), chunk_size: int = 256,
+                 transport: httpx.BaseTransport | None = None, interrupt: threading.Event | None = None,
+                 max_concurrency: int | None = None, resolve: Callable[[str, int], list[str]] | None = None,
+                 resolve_every_s: float = 10.0, down_s: float = 1.0, down_max_s: float = 30.0,
+                 connect_timeout: float = 5.0):
+        if chunk_size < 1 or (max_concurrency is not None and max_concurrency < 1):
+            raise ValueError("chunk_size and max_concurrency must be >= 1")
         self.model, self.label, self.chunk_size = model, label, chunk_size
-        self.http = HttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry, name="reward service",
-                                   transport=transport, interrupt=interrupt)
+        self.max_concurrency = max_concurrency
+        self.http = ReplicatedHttpJsonClient(url, api_key=api_key, timeout=timeout, retry=retry,
+                                             name="reward service", transport=transport, interrupt=interrupt,
+                                             resolve=resolve, resolve_every_s=resolve_every_s, down_s=down_s,
+                                             down_max_s=down_max_s, connect_timeout=connect_timeout)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.http.replicas.replicas
+
+    def _split(self, texts: Sequence[str]) -> list[list[str]]:
+        """Chunks of at most `chunk_size`, and at least one per replica that is up (so each one gets a share)."""
+        size = self.chunk_size
+        if len(self.http.replicas) > 1:
+            size = min(size, max(1, math.ceil(len(texts) / max(1, self.http.replicas.up_count()))))
+        return _chunks(texts, size)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="reward-client")
+            return self._pool
+
+    def _post_all(self, path: str, chunks: list[list[str]], payload: Callable[[list[str]], dict],
+                  check: Callable[[Any, list[str]], list]) -> list:
+        """`check(answer, chunk)` of one POST per chunk, in order: concurrent when there are several replicas."""
+        limit = self.max_concurrency or (1 if len(self.http.replicas) == 1 else 2 * len(self.http.replicas))
+        if min(limit, len(chunks)) <= 1:
+            return [check(self.http.request("POST", path, payload(c)), c) for c in chunks]
+        cancel = threading.Event()  # one chunk failed for good: the others stop at their next wait
+        pool, results, pending = self._executor(), [[]] * len(chunks), {}
+        queue = iter(enumerate(chunks))
+
+        def one(chunk: list[str]) -> list:
+            return check(self.http.request("POST", path, payload(chunk), cancel), chunk)
+
+        def send_next() -> None:
+            for i, chunk in queue:
+                pending[pool.submit(one, chunk)] = i
+                return
+
+        for _ in range(min(limit, len(chunks))):
+            send_next()
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    results[pending.pop(future)] = future.result()
+                    send_next()
+        except BaseException:
+            cancel.set()
+            raise
+        return results
 
     def score(self, texts: Sequence[str], model: str | None = None) -> list[float]:
-        out: list[float] = []
-        for chunk in _chunks(texts, self.chunk_size):
-            body = self.http.request("POST", "/v1/score", _payload(chunk, model or self.model, self.label))
-            out += _checked_scores(body, len(chunk))
-        return out
+        parts = self._post_all("/v1/score", self._split(texts), lambda c: _payload(c, model or self.model, self.label),
+                               lambda body, c: _checked_scores(body, len(c)))
+        return [s for part in parts for s in part]
 
     def classify(self, texts: Sequence[str], model: str | None = None) -> list[dict[str, float]]:
-        out: list[dict[str, float]] = []
-        for chunk in _chunks(texts, self.chunk_size):
-            out += self.http.request("POST", "/v1/classify", _payload(chunk, model or self.model))["probabilities"]
-        return out
+        parts = self._post_all("/v1/classify", self._split(texts), lambda c: _payload(c, model or self.model),
+                               lambda body, c: body["probabilities"])
+        return [p for part in parts for p in part]
 
     def models(self) -> list[dict]:
         return self.http.request("GET", "/v1/models")["models"]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.http.close()
 
 
 class AsyncRewardClient(_AsyncClosesOnExit):
@@ -330,5 +721,5 @@ class RemoteRewardFn:
         return self.client.score(list(samples))
 
 
-def make_reward_fn(url: str = "http://127.0.0.1:8000", **client_kwargs: Any) -> RemoteRewardFn:
+def make_reward_fn(url: str | Sequence[str] = "http://127.0.0.1:8000", **client_kwargs: Any) -> RemoteRewardFn:
     return RemoteRewardFn(RewardClient(url, **client_kwargs))

@@ -203,7 +203,10 @@ class MethodConfig(_Section):
 
 
 class RewardConfig(_Section):
-    url: str = Field("http://127.0.0.1:8000", description="Reward service base URL.")
+    url: str = Field("http://127.0.0.1:8000", description="Reward service base URL; several replicas: a list or "
+                     "comma-separated URLs (kept as one comma-separated string), or a host name with several "
+                     "addresses (docker compose --scale reward=N). Chunks are spread over them, failed ones retried "
+                     "on the others.")
     model: str | None = Field(None, description="Reward service model name; its default when None.")
     label: str | None = Field(None, description="Score this label (by name), e.g. NEGATIVE; None: the model's "
                               "configured reward label.")
@@ -216,6 +219,17 @@ class RewardConfig(_Section):
                                     "included; then the run fails instead of hanging on a dead service.")
     chunk_size: int = Field(256, ge=1, description="Texts per request.")
     wait_ready_s: float = Field(600.0, ge=0, description="How long to wait for the service at start.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_list(cls, data: Any) -> Any:
+        url = data.get("url") if isinstance(data, dict) else None
+        if isinstance(url, (list, tuple)) or (isinstance(url, str) and "," in url):
+            urls = [u.strip().rstrip("/") for u in (url.split(",") if isinstance(url, str) else map(str, url))]
+            if not urls or not all(urls):
+                raise ValueError(f"reward.url: an empty URL in {url!r}")
+            data = {**data, "url": ",".join(urls)}
+        return data
 
     @model_validator(mode="after")
     def _key_from_env(self) -> RewardConfig:

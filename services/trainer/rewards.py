@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import httpx
 
 from services.trainer.config import RewardConfig
-from shared.clients import CallInterrupted, RemoteRewardFn, RetryPolicy, RewardClient
+from shared.clients import CallInterrupted, RemoteRewardFn, RetryPolicy, RewardClient, split_urls
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[..., Sequence[float]]
@@ -35,38 +35,46 @@ def checked_scores(raw, expected: int) -> list[float]:
     return scores
 
 
-def wait_for_reward_service(url: str, deadline_s: float, on_wait: Callable[[str], None] | None = None,
+def wait_for_reward_service(url: str | Sequence[str], deadline_s: float, on_wait: Callable[[str], None] | None = None,
                             api_key: str | None = None, stop: threading.Event | None = None) -> None:
     """Poll `/readyz` with exponential backoff (and jitter) until it answers 200, saying so while waiting; a set
-    `stop` ends the wait with CallInterrupted."""
+    `stop` ends the wait with CallInterrupted. Several URLs (a list or comma-separated, the replicas): until one of
+    them is ready; the reward function skips the others until they are."""
+    urls = split_urls(url)
+    where = ", ".join(urls)
     policy = RetryPolicy(backoff_base=0.5, backoff_max=10.0)
     stop = stop or threading.Event()
     started = time.monotonic()
     attempt = 0
     while True:
-        try:
-            r = httpx.get(url.rstrip("/") + "/readyz", timeout=5)
-            if r.status_code == 200:
-                return
-            why = f"HTTP {r.status_code}"
-        except httpx.TransportError as exc:
-            why = type(exc).__name__
+        whys = []
+        for u in urls:
+            try:
+                r = httpx.get(u + "/readyz", timeout=5)
+                if r.status_code == 200:
+                    return
+                whys.append(f"HTTP {r.status_code}")
+            except httpx.TransportError as exc:
+                whys.append(type(exc).__name__)
+        why = ", ".join(whys)
         delay = policy.delay(attempt)
         if time.monotonic() - started + delay > deadline_s:
-            raise RewardError(f"reward service at {url} not ready after {deadline_s:.0f} s ({why})")
-        message = f"waiting for the reward service at {url} ({why}); next try in {delay:.1f} s"
+            raise RewardError(f"reward service at {where} not ready after {deadline_s:.0f} s ({why})")
+        message = f"waiting for the reward service at {where} ({why}); next try in {delay:.1f} s"
         log.warning(message)
         if on_wait:
             on_wait(message)
         if stop.wait(delay):
-            raise CallInterrupted(f"stopped while waiting for the reward service at {url}")
+            raise CallInterrupted(f"stopped while waiting for the reward service at {where}")
         attempt += 1
 
 
 def remote_reward_fn(cfg: RewardConfig, stop: threading.Event | None = None) -> RemoteRewardFn:
     """The reward function that calls the reward service: retries with backoff ride out a restart, within one time
     budget per call (`retry_deadline_s`), after which the run fails rather than hang; a set `stop` ends a call that
-    is waiting to retry (CallInterrupted), so a stop is never held up by a reward service that is down."""
+    is waiting to retry (CallInterrupted), so a stop is never held up by a reward service that is down. Several
+    replicas (`reward.url` a list, or a name with several addresses): chunks are spread over them and a replica
+    that fails is skipped, its chunks retried on the others (shared/clients.py RewardClient)."""
     retry = RetryPolicy(max_retries=cfg.max_retries, backoff_base=0.25, backoff_max=10.0,
                         deadline_s=cfg.retry_deadline_s)
     client = RewardClient(cfg.url, model=cfg.model, label=cfg.label, api_key=cfg.api_key, timeout=cfg.timeout_s,

@@ -1,6 +1,7 @@
 """Checks for tests/e2e/compose_smoke.sh, one subcommand each; stdlib only (runs with the host's python3).
 
-  ports                      compose publishes every port on 127.0.0.1, and on BIND_ADDRESS when that is set
+  ports                      compose publishes every port on 127.0.0.1, and on BIND_ADDRESS when that is set (reward
+                             publishes none: reward-gateway has its port, so reward scales)
   images IMAGE...            no layer holds the build context (history and every layer's files)
   containers PROJECT         docker inspect: hardening, limits, restart policies, ports, read-only mounts, keys
   runtime PROJECT SERVICE... inside the running containers: non-root, no capabilities, read-only root, writable /tmp
@@ -9,6 +10,8 @@
   served STEPS               the generator serves tiny/step-STEPS as latest and the reward service scores its text
   auth                       without a key: 401 everywhere; model admin refused to the scoring key
   admin on|off               on: the admin key passes the guard; off: admin routes answer 403 to every key
+  replicas PROJECT N         N healthy reward replicas; reward-gateway spreads host connections over them; the
+                             trainer image's RewardClient finds all N behind `reward` and spreads chunks over them
 
 The API keys come from the environment (REWARD_API_KEY, GENERATOR_API_KEY, TRAINER_API_KEY, REWARD_ADMIN_API_KEY),
 as docker compose gets them; unset means the services run without keys.
@@ -28,7 +31,8 @@ import urllib.request
 
 REWARD, GENERATOR, TRAINER = "http://127.0.0.1:18000", "http://127.0.0.1:18001", "http://127.0.0.1:18002"
 KEYS = {"reward": ["REWARD_API_KEY", "REWARD_ADMIN_API_KEY"], "generator": ["GENERATOR_API_KEY"],
-        "trainer": ["TRAINER_API_KEY", "REWARD_API_KEY", "GENERATOR_API_KEY"], "setup": []}
+        "trainer": ["TRAINER_API_KEY", "REWARD_API_KEY", "GENERATOR_API_KEY"], "setup": [], "reward-gateway": []}
+PUBLISHED = ["generator", "reward-gateway", "trainer"]  # reward itself publishes nothing: it scales
 # A model PUT /v1/models may load: the startup model of the tiny preset (the source policy always allows those).
 ADMIN_SPEC = {"source": "/models/tiny/tiny-sentiment", "label": "POSITIVE"}
 # Paths of the build context that must never be in an image layer (the context copy, tests, git, local wheels).
@@ -83,10 +87,10 @@ def ports() -> None:
                              env=env | ({"BIND_ADDRESS": bind} if bind else {})).stdout
         published = {s: [p.get("host_ip") for p in v.get("ports", [])] for s, v in json.loads(out)["services"].items()}
         expected = bind or "127.0.0.1"
-        if sorted(s for s, ips in published.items() if ips) != ["generator", "reward", "trainer"] or \
+        if sorted(s for s, ips in published.items() if ips) != PUBLISHED or \
                 any(ip != expected for ips in published.values() for ip in ips):
             fail(f"BIND_ADDRESS={bind}: ports published on {published}")
-        print(f"BIND_ADDRESS {bind or 'unset'}: reward, generator and trainer published on {expected} only",
+        print(f"BIND_ADDRESS {bind or 'unset'}: {', '.join(PUBLISHED)} published on {expected} only; reward on none",
               flush=True)
 
 
@@ -128,11 +132,12 @@ def containers(project: str) -> None:
     found = {}
     for c in json.loads(docker("inspect", *ids)):
         found[c["Config"]["Labels"]["com.docker.compose.service"]] = c
-    if sorted(found) != ["generator", "reward", "setup", "trainer"]:
+    if sorted(found) != ["generator", "reward", "reward-gateway", "setup", "trainer"]:
         fail(f"containers of {project}: {sorted(found)}")
     restart = {"setup": ("no", ""), "reward": ("unless-stopped",), "generator": ("unless-stopped",),
-               "trainer": ("on-failure",)}
-    read_only = {"setup": set(), "reward": {"/models"}, "generator": {"/models", "/checkpoints"}, "trainer": set()}
+               "trainer": ("on-failure",), "reward-gateway": ("unless-stopped",)}
+    read_only = {"setup": set(), "reward": {"/models"}, "generator": {"/models", "/checkpoints"}, "trainer": set(),
+                 "reward-gateway": set()}
     bind = os.environ.get("BIND_ADDRESS", "127.0.0.1")
     for service, c in sorted(found.items()):
         h, cfg = c["HostConfig"], c["Config"]
@@ -291,6 +296,48 @@ def admin(state: str) -> None:
     print(f"reward: admin on: PUT without or with a wrong key 401; {note}", flush=True)
 
 
+SCORED = re.compile(r'^reward_requests_total\{(?=[^}]*route="/v1/score")(?=[^}]*status="200")[^}]*\} (\S+)$', re.M)
+CLIENT_PROBE = """
+import json, os
+from shared.clients import RewardClient
+with RewardClient("http://reward:8000", chunk_size=2, api_key=os.environ.get("REWARD_API_KEY") or None) as c:
+    scores = c.score(["A fine film.", "Dull and long."] * 8)
+    print(json.dumps({"replicas": [r.name for r in c.replicas], "answered": [r.answered for r in c.replicas],
+                      "scores": scores}))
+"""
+
+
+def replicas(project: str, n: int) -> None:
+    """`n` reward containers, all healthy; connections through reward-gateway reach every one of them; and the
+    trainer image's RewardClient, given `http://reward:8000` as in the compose file, finds `n` replicas and
+    sends chunks to each."""
+    ids = docker("ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                 "--filter", "label=com.docker.compose.service=reward").split()
+    health = {c["Name"]: c["State"].get("Health", {}).get("Status") for c in json.loads(docker("inspect", *ids))}
+    if len(ids) != n or set(health.values()) != {"healthy"}:
+        fail(f"reward replicas: {health} (expected {n}, all healthy)")
+
+    def scored() -> list[float]:
+        probe = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())"
+        return [sum(float(v) for v in SCORED.findall(docker("exec", i, "python3", "-c", probe))) for i in ids]
+
+    before = scored()
+    for _ in range(4 * n):  # urllib: a new connection each time
+        ok(f"{REWARD}/v1/score", {"texts": ["A fine film."]}, key("REWARD_API_KEY"))
+    through_gateway = [b - a for a, b in zip(before, scored())]
+    if min(through_gateway) < 1:
+        fail(f"reward-gateway: requests per replica {through_gateway}")
+    compose = os.environ.get("COMPOSE", "docker compose").split()
+    out = subprocess.run([*compose, "-p", project, "--env-file", "configs/tiny.env", "run", "--rm", "--no-deps", "-T",
+                          "--entrypoint", "python3", "trainer", "-c", CLIENT_PROBE],
+                         check=True, capture_output=True, text=True).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    if len(seen["replicas"]) != n or min(seen["answered"]) < 1 or len(seen["scores"]) != 16:
+        fail(f"the trainer's RewardClient: {seen}")
+    print(f"{n} reward replicas healthy; through reward-gateway {through_gateway} requests each; the trainer's "
+          f"RewardClient: {seen['replicas']}, {seen['answered']} chunks each", flush=True)
+
+
 def main(argv: list[str]) -> None:
     command, args = argv[0], argv[1:]
     if command == "ports":
@@ -311,6 +358,8 @@ def main(argv: list[str]) -> None:
         auth()
     elif command == "admin":
         admin(args[0])
+    elif command == "replicas":
+        replicas(args[0], int(args[1]))
     else:
         fail(f"unknown check {command!r}")
 

@@ -8,6 +8,8 @@
 #   4. checks every container's hardening (docker inspect, and from inside: uid, capabilities, read-only root),
 #   5. starts the trainer again with TOTAL_STEPS: it resumes and finishes; the trained checkpoint must be served by
 #      the generator container and scored by the reward container,
+#   5b. scales the reward service to 2 replicas (docker compose up --scale reward=2): both healthy, the host's
+#      connections through reward-gateway reach both, the trainer image's RewardClient spreads chunks over both,
 #   6. with --keys (make compose-smoke-keys): every API key set, every check sends them, and requests without a key
 #      get 401, model admin is refused to the scoring key, and answers 403 once the admin key is unset;
 #      without --keys: no key set, and model admin answers 403,
@@ -115,6 +117,10 @@ dc logs --no-color trainer | tail -n 5
 say "checking the trained checkpoint is served and scored"
 check served "$steps"
 dc exec -T generator test -s /checkpoints/tiny/report.md
+
+say "docker compose up --scale reward=2"
+dc up -d --no-deps --wait --scale reward=2 reward
+check replicas $project 2
 if [ $keys = 1 ]; then
   say "restarting the reward service without REWARD_ADMIN_API_KEY"
   unset REWARD_ADMIN_API_KEY
