@@ -360,3 +360,92 @@ def cpu_cores(first: dict, last: dict) -> dict:
     elapsed = last["t"] - first["t"]
     return {"service_cpu_cores": rounded((last["service_cpu"] - first["service_cpu"]) / elapsed),
             "loadgen_cpu_cores": rounded((last["loadgen_cpu"] - first["loadgen_cpu"]) / elapsed)}
+
+
+# -- real-size models with random weights (bench/rehearsal.py) --------------------------------------------------------
+
+# The hub configs of gpt2 (lvwerra/gpt2-imdb's) and distilbert-base-uncased (lvwerra/distilbert-imdb's), sizes only.
+GPT2_SMALL = {"vocab_size": 50257, "n_positions": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
+DISTILBERT_BASE = {"vocab_size": 30522, "max_position_embeddings": 512, "n_layers": 6, "n_heads": 12, "dim": 768,
+                   "hidden_dim": 3072}
+
+
+def saved_random_model(out: Path, build) -> Path:
+    """`build()` -> (model, tokenizer), saved in `out` unless it is already there; written under a temporary name and
+    renamed when complete (the tiny kit's `_atomic_dir`), so an interrupted build is never taken for a finished one."""
+    from shared.tiny.build import _atomic_dir
+
+    def write(tmp: Path) -> None:
+        log(f"building {out}")
+        model, tok = build()
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(out.parent, out.name, write)
+
+
+def _fits(tok, vocab_size: int):
+    # A smaller tokenizer only leaves embedding rows unused; a larger one would index past the embedding.
+    if len(tok) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the model's {vocab_size}")
+    return tok
+
+
+def gpt2_small_random(tok, out: Path) -> Path:
+    """A GPT-2 small of the hub's exact size (vocabulary 50257 included) with random weights, saved with `tok`."""
+    def build():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        _fits(tok, GPT2_SMALL["vocab_size"])
+        eos = tok.eos_token_id
+        torch.manual_seed(0)
+        config = GPT2Config(**GPT2_SMALL, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        return GPT2LMHeadModel(config).eval(), tok
+
+    return saved_random_model(out, build)
+
+
+def distilbert_base_random(tok, out: Path, labels: tuple[str, ...] = ("NEGATIVE", "POSITIVE")) -> Path:
+    """A DistilBERT-base sequence classifier of the hub's exact size (vocabulary 30522 included), random weights,
+    `labels` in that order (distilbert-imdb's), saved with `tok`."""
+    def build():
+        import torch
+        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+        _fits(tok, DISTILBERT_BASE["vocab_size"])
+        torch.manual_seed(0)
+        config = DistilBertConfig(**DISTILBERT_BASE, pad_token_id=tok.pad_token_id,
+                                  id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        return DistilBertForSequenceClassification(config).eval(), tok
+
+    return saved_random_model(out, build)
+
+
+async def snapshot_histograms(probe, service_pid: int, histograms: tuple[str, ...]) -> dict:
+    """`snapshot` with the sums and counts of several histograms, from one /metrics scrape."""
+    edge = {"t": time.perf_counter(), "service_cpu": process_cpu_seconds(service_pid),
+            "loadgen_cpu": time.process_time()}
+    try:
+        text = (await probe.get("/metrics")).text
+        for histogram in histograms:
+            edge.update(histogram_totals(text, histogram))
+    except Exception as exc:  # noqa: BLE001 - diagnostics; the measurement stands without them
+        log(f"  (could not read /metrics: {exc})")
+    return edge
+
+
+def histogram_mean(first: dict, last: dict, histogram: str) -> float:
+    """Mean observed value between two snapshots (unrounded); NaN if nothing was observed."""
+    count = last.get(f"{histogram}_count", 0) - first.get(f"{histogram}_count", 0)
+    total = last.get(f"{histogram}_sum", 0) - first.get(f"{histogram}_sum", 0)
+    return total / count if count else float("nan")
+
+
+# -- memory ------------------------------------------------------------------------------------------------------------
+
+def max_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (ru_maxrss, kB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

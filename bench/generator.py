@@ -16,8 +16,15 @@ Tokens are the ones actually generated: EOS ends a sequence early (the service h
 sides count the new tokens before the first EOS (the service reports them as each completion's `tokens`), never
 `max_new_tokens` and never the padding a batch adds after a row's EOS.
 
-From these: `ratio_to_ceiling` = service at concurrency 16 / ceiling, and `target_met` = ratio >= 0.8 (the target
-is about `small`; for `tiny` HTTP and Python overhead dominate and the ratio says little).
+From these: `ratio_to_ceiling` = service at concurrency 16 / ceiling (and per concurrency, in each service entry),
+and `target_met` = ratio >= 0.9 (the target is about `small`; for `tiny` HTTP and Python overhead dominate and the
+ratio says little). `lone_generate_ms` is one in-process `generate` call on one prompt (the median of several) and
+`p50_vs_lone` the service's p50 latency at concurrency 1 over it; `latency_target_met` = p50_vs_lone <= 1.1.
+
+`ttft_ms` per concurrency is the service's own mean time to first token over the window (its
+`generator_time_to_first_token_seconds` histogram): from a prompt's arrival in the queue to its first new token, so
+it leaves out HTTP (about a millisecond on loopback) but sees queueing and prefill. With `--mode static` the tokens
+of a batched request all appear when its generate call returns, and that is what it reports there.
 
 One request of `small` at batch 16 takes several seconds, so a fixed window would cut through requests and count
 whole batches in or out (an error of up to one batch per window). Instead each simulated user counts only whole
@@ -25,13 +32,17 @@ requests: those it sent after the warm-up and that finished before the window cl
 one's send to the last one's answer; the service's rate is the sum over users. The window stays open past
 `--duration` until every user has at least one such request.
 
-Each measurement also reports the service's mean batch size (from /metrics), its CPU use and the load generator's
-CPU use (from /proc), so a low number can be told apart from a saturated load generator or a busy machine.
+Each measurement also reports the service's mean batch size (from /metrics: sequences per decode step with
+continuous batching, per generate call with static), its CPU use and the load generator's CPU use (from /proc), so a
+low number can be told apart from a saturated load generator or a busy machine.
 
-Run (from the repo root; with the defaults each size takes about 1.5 minutes on 2 cores, more on a busy machine):
+`--mode` picks the service's batching (`continuous`, its default, or `static`: one generate call per batch).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/generator.py --sizes tiny,small [--duration 15] [--threads 1] \
-        [--max-new-tokens 40] [--max-wait-ms 5] [--out result.json]
+Run (from the repo root; with the defaults, 60 s per point, each size takes about 6 minutes on 2 cores; add
+`--duration 5` for a smoke run):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/generator.py --sizes tiny,small [--duration 60] [--threads 1] \
+        [--max-new-tokens 40] [--mode continuous|static] [--max-wait-ms 5] [--out result.json]
 
 Progress goes to stderr; the last line of stdout is one JSON object with every number.
 """
@@ -59,8 +70,11 @@ from common import log, percentile, rounded  # noqa: E402
 
 CONCURRENCIES = (1, 4, 16)
 BATCH_SIZE = 16  # the ceiling's batch and the service's max batch size
-TARGET_RATIO = 0.8
-BATCH_HISTOGRAM = "generator_batch_size"  # sequences per generate call, on the service's /metrics
+TARGET_RATIO = 0.9
+TARGET_LATENCY = 1.1  # p50 at one client over one lone generate call
+BATCH_HISTOGRAM = "generator_batch_size"  # sequences per decode step (static: per generate call), on /metrics
+TTFT_HISTOGRAM = "generator_time_to_first_token_seconds"
+LONE_CALLS = 7  # in-process generate calls of one prompt for `lone_generate_ms` (the median)
 
 
 def sampling(max_new_tokens: int) -> dict:
@@ -85,12 +99,12 @@ class Window:
 async def close_window(window: Window, probe, service_pid: int) -> None:
     """Snapshot at the start, then close the window as soon as it may close, and snapshot again."""
     await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-    window.edges.append(await common.snapshot(probe, service_pid, BATCH_HISTOGRAM))
+    window.edges.append(await common.snapshot_histograms(probe, service_pid, (BATCH_HISTOGRAM, TTFT_HISTOGRAM)))
     await asyncio.sleep(max(0.0, window.min_end - time.perf_counter()))
     while min(window.counted) < 1 and time.perf_counter() < window.hard_end:
         await asyncio.sleep(0.02)
     window.end = time.perf_counter()
-    window.edges.append(await common.snapshot(probe, service_pid, BATCH_HISTOGRAM))
+    window.edges.append(await common.snapshot_histograms(probe, service_pid, (BATCH_HISTOGRAM, TTFT_HISTOGRAM)))
 
 
 async def client_loop(client, prompts: list[str], first: int, step: int, body: dict, window: Window,
@@ -167,6 +181,7 @@ def summarize(done: list[list[tuple]], window: Window) -> dict:
         "mean_tokens": rounded(tokens / len(ok)) if ok else float("nan"),  # below max_new_tokens: EOS came first
         "stop_fraction": rounded(sum(d[4] for d in ok) / len(ok), 3) if ok else float("nan"),
         "mean_batch_size": common.mean_batch_size(first, last, BATCH_HISTOGRAM),
+        "ttft_ms": rounded(common.histogram_mean(first, last, TTFT_HISTOGRAM) * 1000, 1),
         **common.cpu_cores(first, last),
     }
 
@@ -188,7 +203,7 @@ def generator_service(model_dir: Path, work: Path, tag: str, args):
     """The generator service serving `model_dir` in a subprocess (see common.running_service)."""
     # max_wait_ms has no flag, so batching goes in a config file; the rest on the command line.
     config = {
-        "batching": {"max_batch_size": BATCH_SIZE, "max_wait_ms": args.max_wait_ms},
+        "batching": {"mode": args.mode, "max_batch_size": BATCH_SIZE, "max_wait_ms": args.max_wait_ms},
         "log_level": args.service_log_level,  # "info" would add an access-log line per request to what is measured
     }
     flags = ["--model", str(model_dir), "--device", "cpu"]
@@ -221,7 +236,8 @@ def measure_service(model_dir: Path, name: str, work: Path, prompts: list[str], 
         for c in CONCURRENCIES:
             r = run_load(url, proc.pid, prompts_file, c, args)
             log(f"  {name} service concurrency={c}: {r['tokens_per_s']} tokens/s, p50 {r['p50_ms']} ms, "
-                f"p99 {r['p99_ms']} ms, {r['requests']} requests in {r['window_s']} s, batch {r['mean_batch_size']}, "
+                f"p99 {r['p99_ms']} ms, ttft {r['ttft_ms']} ms, {r['requests']} requests in {r['window_s']} s, "
+                f"batch {r['mean_batch_size']}, "
                 f"service {r['service_cpu_cores']} cores, loadgen {r['loadgen_cpu_cores']} cores, "
                 f"errors {r['errors']}")
             results[str(c)] = r
@@ -258,6 +274,16 @@ def generate_batch(tok, model, prompts: list[str], max_new_tokens: int) -> list[
     return [real_tokens(row, tok.eos_token_id) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
 
 
+def measure_lone(tok, model, prompts: list[str], max_new_tokens: int) -> float:
+    """Median milliseconds of one in-process `generate` call on one prompt: what a lone request costs the model."""
+    times = []
+    for i in range(LONE_CALLS):
+        started = time.perf_counter()
+        generate_batch(tok, model, [prompts[i % len(prompts)]], max_new_tokens)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def measure_ceiling(model_dir: Path, prompts: list[str], max_new_tokens: int, duration: float) -> dict:
     """Tokens/s of back-to-back `model.generate` calls on batches of BATCH_SIZE prompts (at least 2 calls)."""
     tok, model = load_policy(model_dir)
@@ -268,7 +294,9 @@ def measure_ceiling(model_dir: Path, prompts: list[str], max_new_tokens: int, du
         counts += generate_batch(tok, model, next(batches), max_new_tokens)
     elapsed = time.perf_counter() - start
     calls = len(counts) // BATCH_SIZE
+    lone = measure_lone(tok, model, prompts, max_new_tokens)
     return {"tokens_per_s": rounded(sum(counts) / elapsed, 1), "calls": calls,
+            "lone_generate_ms": rounded(lone, 1),
             "seconds_per_call": rounded(elapsed / calls), "mean_tokens": rounded(statistics.fmean(counts)),
             "stop_fraction": rounded(sum(c < max_new_tokens for c in counts) / len(counts), 3)}
 
@@ -302,25 +330,33 @@ def bench_size(name: str, model_dir: Path, prompts: list[str], prompts_file: Pat
         f"{ceiling['seconds_per_call']} s, {ceiling['mean_tokens']} tokens per sequence)")
     result["ceiling_tokens_per_s"] = ceiling["tokens_per_s"]
     result["ceiling"] = ceiling
+    result["lone_generate_ms"] = ceiling["lone_generate_ms"]
     result["service"] = measure_service(model_dir, name, work, prompts, prompts_file, args)
+    for r in result["service"].values():
+        r["ratio_to_ceiling"] = rounded(r["tokens_per_s"] / ceiling["tokens_per_s"], 3)
     ratio = result["service"][str(CONCURRENCIES[-1])]["tokens_per_s"] / ceiling["tokens_per_s"]
     result["ratio_to_ceiling"] = rounded(ratio, 3)
     result["target_met"] = ratio >= TARGET_RATIO
-    log(f"{name}: service at concurrency {CONCURRENCIES[-1]} / ceiling = {result['ratio_to_ceiling']}")
+    p50_vs_lone = result["service"][str(CONCURRENCIES[0])]["p50_ms"] / ceiling["lone_generate_ms"]
+    result["p50_vs_lone"] = rounded(p50_vs_lone, 3)
+    result["latency_target_met"] = p50_vs_lone <= TARGET_LATENCY
+    log(f"{name}: service at concurrency {CONCURRENCIES[-1]} / ceiling = {result['ratio_to_ceiling']}; p50 at "
+        f"concurrency {CONCURRENCIES[0]} / lone generate ({ceiling['lone_generate_ms']} ms) = {result['p50_vs_lone']}")
     return result
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,small", help="comma-separated: tiny, small")
-    p.add_argument("--duration", type=float, default=15.0,
+    p.add_argument("--duration", type=float, default=60.0,
                    help="seconds measured per load level and for the ceiling (a window stays open until every "
                         "client has one whole request in it)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured window")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the service and the ceiling (1 leaves a core to the load generator)")
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="the service's batching wait (its default: 5)")
+    p.add_argument("--mode", choices=("continuous", "static"), default="continuous", help="the service's batching")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="static batching's wait (the service's default: 50)")
     p.add_argument("--service-log-level", default="warning", help="the service's log level (info logs each request)")
     common.add_output_options(p)
     args = p.parse_args(argv)
@@ -334,7 +370,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     common.prepare_process(args.threads)
     started = time.perf_counter()
-    settings = {"max_new_tokens": args.max_new_tokens, "batch_size": BATCH_SIZE, "max_wait_ms": args.max_wait_ms,
+    settings = {"max_new_tokens": args.max_new_tokens, "batch_size": BATCH_SIZE, "mode": args.mode,
+                "max_wait_ms": args.max_wait_ms,
                 "duration_s": args.duration, "warmup_s": args.warmup}
     report = common.report_header(args.threads, settings)
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-generator-"))
@@ -348,8 +385,9 @@ def main(argv: list[str]) -> None:
             report[size] = bench_size(size, model_dir, prompts, prompts_file, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if "small" in report:
-        report["target_met"] = report["small"]["target_met"]  # the target is about the small size
+    if "small" in report:  # the targets are about the small size
+        report["target_met"] = report["small"]["target_met"]
+        report["latency_target_met"] = report["small"]["latency_target_met"]
     common.print_report(report, started, args.out)
 
 

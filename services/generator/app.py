@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI
 
 from services.generator.checkpoints import CheckpointStore
-from services.generator.engine import GenerationItem, generate_batch
+from services.generator.engine import GenerationItem, generate_batch, generate_streaming
 from services.generator.openai_compat import OpenAIError, openai_error_handler
 from services.generator.routes import GeneratorMetrics, Streams, build_router
+from services.generator.scheduler import Scheduler
 from services.generator.settings import GeneratorSettings
 from shared.batching import Batcher
 from shared.runtime import resolve_device
@@ -32,14 +34,26 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
     store = CheckpointStore(settings.model, settings.checkpoints, resolve_device(settings.device),
                             settings.max_loaded_checkpoints, settings.revision, settings.max_concurrent_loads)
     b = settings.batching
-    batcher: Batcher[GenerationItem, list] = Batcher(
-        generate_batch, cost=GenerationItem.cost, key=GenerationItem.batch_key, max_batch_size=b.max_batch_size,
-        max_batch_tokens=b.max_batch_tokens, max_wait_ms=b.max_wait_ms, max_queue_size=b.max_queue_size,
-        on_batch=metrics.observe_batch)
     streams = Streams(b.max_streams)
+    if b.mode == "continuous":
+        batcher = Scheduler(max_batch_size=b.max_batch_size, max_batch_tokens=b.max_batch_tokens,
+                            max_queue_size=b.max_queue_size, join_wait_steps=b.join_wait_steps,
+                            on_batch=metrics.observe_batch, on_first_token=metrics.first_token.observe)
+        run_stream = batcher.stream
+    else:
+        batcher = Batcher(
+            generate_batch, cost=GenerationItem.cost, key=GenerationItem.batch_key, max_batch_size=b.max_batch_size,
+            max_batch_tokens=b.max_batch_tokens, max_wait_ms=b.max_wait_ms, max_queue_size=b.max_queue_size,
+            on_batch=metrics.observe_batch)
+
+        async def run_stream(item, on_token, should_stop) -> None:  # one at a time, on the streams' own thread
+            await asyncio.get_running_loop().run_in_executor(streams.executor, generate_streaming, item, on_token,
+                                                             should_stop)
+
     app.state.store, app.state.batcher, app.state.streams, app.state.settings = store, batcher, streams, settings
     app.state.before_scrape.append(lambda: metrics.loaded.set(store.resident))
     # Ready once the base model is in memory and while the batch worker lives (it restarts by itself).
     add_operational_routes(app, app.state.registry, lambda: loading.not_ready or batcher.worker_error)
-    app.include_router(build_router(settings, store, batcher, metrics, lambda: loading.not_ready, streams))
+    app.include_router(build_router(settings, store, batcher, metrics, lambda: loading.not_ready, streams,
+                                   run_stream))
     return app

@@ -23,7 +23,8 @@ def serve(
     config: Annotated[Optional[Path], typer.Option(help="YAML file with any GeneratorSettings field.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per generate call (1: none).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Sequences decoding together (1: none).")] = None,
+    batching_mode: Annotated[Optional[str], typer.Option(help="continuous (default) or static.")] = None,
     torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
@@ -39,8 +40,9 @@ def serve(
         flags = {"model": model, "checkpoints": checkpoints, "host": host, "port": port,
                  "torch_threads": torch_threads, "device": device, "log_level": log_level}
         values.update({k: v for k, v in flags.items() if v is not None})
-        if max_batch_size is not None:
-            values["batching"] = {**values.get("batching", {}), "max_batch_size": max_batch_size}
+        batching = {"max_batch_size": max_batch_size, "mode": batching_mode}
+        if any(v is not None for v in batching.values()):
+            values["batching"] = {**values.get("batching", {}), **{k: v for k, v in batching.items() if v is not None}}
         settings = GeneratorSettings(**values)
     except (ValidationError, ValueError) as exc:
         typer.echo(f"error: invalid generator settings:\n{exc}", err=True)

@@ -1,8 +1,10 @@
-"""Generation: one `model.generate` call per batch of compatible requests, and token streaming.
+"""Generation pieces: sampling parameters, tokenization, logit adjustments, logprobs, cutting a completion at EOS or a
+stop string (`_finish`); and static batching (`batching.mode: static`): one `model.generate` call per batch of
+compatible requests, and token streaming. Continuous batching (scheduler.py) uses the same pieces.
 
-Requests share a batch only when everything that shapes sampling is equal (checkpoint, parameters, stop strings).
-A seeded request never shares its batch with another request, and the seed is set right before its call, so the
-same seed and parameters give the same text however busy the server is.
+In static batching requests share a batch only when everything that shapes sampling is equal (checkpoint,
+parameters, stop strings). A seeded request never shares its batch with another request, and the seed is set right
+before its call, so the same seed and parameters give the same text however busy the server is.
 
 Log-probabilities (OpenAI `logprobs`) are those of the model's own distribution: log-softmax of the raw logits,
 before logit bias, penalties, temperature and top-k / top-p / min-p (vLLM's default, `raw_logprobs`), so they do not
@@ -227,10 +229,42 @@ class _CaptureLogprobs(LogitsProcessor):
         return [[TokenLogprob(chosen[r][t], lp[r][t], tops[r][t]) for t in range(len(taken))] for r in range(rows)]
 
 
+def prompt_presence(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab: int, dtype) -> torch.Tensor:
+    """(rows, V): which tokens each (left-padded) prompt holds, padding excluded; for the repetition penalty."""
+    return torch.zeros((prompt_ids.shape[0], vocab), dtype=dtype, device=prompt_ids.device).scatter_add_(
+        1, prompt_ids, prompt_mask.to(dtype)) > 0
+
+
+def bias_vector(params: SamplingParams, vocab: int, dtype, device) -> torch.Tensor:
+    bias = torch.zeros(vocab, dtype=dtype, device=device)
+    for token, value in params.logit_bias:
+        bias[token] = value
+    return bias
+
+
+def adjust_scores(params: SamplingParams, scores: torch.Tensor, new: torch.Tensor, in_prompt: torch.Tensor | None,
+                  bias: torch.Tensor | None, eos: int | None) -> torch.Tensor:
+    """OpenAI's and vLLM's logit adjustments on (rows, V) scores, given each row's new tokens so far (rows, steps):
+    min_tokens (no EOS yet), logit_bias, repetition penalty (tokens of the prompt, `in_prompt`, and of the output),
+    presence and frequency penalties (tokens of the output)."""
+    p = params
+    scores = scores.clone()
+    if new.shape[1] < p.min_tokens and eos is not None:
+        scores[:, eos] = -float("inf")
+    if bias is not None:
+        scores += bias
+    if p.repetition_penalty != 1.0:
+        seen = in_prompt.clone().scatter_(1, new, True)
+        penalized = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        scores = torch.where(seen, penalized, scores)
+    if p.presence_penalty or p.frequency_penalty:
+        counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones_like(new, dtype=scores.dtype))
+        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
 class _Adjust(LogitsProcessor):
-    """OpenAI's and vLLM's logit adjustments, after the logprobs are recorded and before temperature and truncation:
-    min_tokens (no EOS yet), logit_bias, repetition penalty (tokens of the prompt, padding excluded, and of the
-    output so far), presence and frequency penalties (tokens of the output so far)."""
+    """`adjust_scores` inside `generate`, after the logprobs are recorded and before temperature and truncation."""
 
     def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, eos: int | None):
         self.params, self.eos = params, eos
@@ -242,29 +276,14 @@ class _Adjust(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         p = self.params
         rows, vocab = scores.shape
-        new = input_ids[:, self.width:]  # (rows, steps so far): all real tokens while a row is unfinished
-        scores = scores.clone()
-        if new.shape[1] < p.min_tokens and self.eos is not None:
-            scores[:, self.eos] = -float("inf")
-        if p.logit_bias:
-            if self.bias is None:
-                self.bias = torch.zeros(vocab, dtype=scores.dtype, device=scores.device)
-                for token, bias in p.logit_bias:
-                    self.bias[token] = bias
-            scores += self.bias
-        if p.repetition_penalty != 1.0:
-            if self.in_prompt is None:  # generate repeats each prompt num_return_sequences times, row by row
-                reps = rows // self.prompt_ids.shape[0]
-                ids = self.prompt_ids.repeat_interleave(reps, 0)
-                mask = self.prompt_mask.repeat_interleave(reps, 0).to(scores.dtype)
-                self.in_prompt = torch.zeros_like(scores).scatter_add_(1, ids, mask) > 0
-            seen = self.in_prompt.clone().scatter_(1, new, True)
-            penalized = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
-            scores = torch.where(seen, penalized, scores)
-        if p.presence_penalty or p.frequency_penalty:
-            counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones_like(new, dtype=scores.dtype))
-            scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype)
-        return scores
+        if p.logit_bias and self.bias is None:
+            self.bias = bias_vector(p, vocab, scores.dtype, scores.device)
+        if p.repetition_penalty != 1.0 and self.in_prompt is None:
+            reps = rows // self.prompt_ids.shape[0]  # generate repeats each prompt num_return_sequences times
+            self.in_prompt = prompt_presence(self.prompt_ids.repeat_interleave(reps, 0),
+                                             self.prompt_mask.repeat_interleave(reps, 0), vocab, scores.dtype)
+        # all real tokens while a row is unfinished
+        return adjust_scores(p, scores, input_ids[:, self.width:], self.in_prompt, self.bias, self.eos)
 
 
 class _RefuseNonFinite(LogitsProcessor):

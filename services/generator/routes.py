@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -34,7 +34,6 @@ from services.generator.engine import (
     SamplingParams,
     TokenLogprob,
     finish_stream,
-    generate_streaming,
     new_request_id,
     sampling_params,
     score_prompt,
@@ -49,6 +48,7 @@ from services.generator.openai_compat import (
     completion_params,
     echoed,
 )
+from services.generator.scheduler import Scheduler
 from services.generator.settings import GeneratorSettings
 from shared.batching import Batcher, BatchStats
 from shared.schemas import (
@@ -73,10 +73,16 @@ class GeneratorMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.tokens = Counter("generator_tokens_generated_total", "Completion tokens generated (streams: each token "
                               "as the model makes it, read or not)", registry=registry)
-        self.batch_size = Histogram("generator_batch_size", "Sequences per generate call",
+        self.batch_size = Histogram("generator_batch_size", "Sequences per decode step (continuous batching) or per "
+                                    "generate call (static)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
-        self.batch_seconds = Histogram("generator_batch_seconds", "Seconds per generate call",
+        self.batch_seconds = Histogram("generator_batch_seconds", "Seconds per decode step (continuous) or generate "
+                                       "call (static)",
                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
+        self.first_token = Histogram("generator_time_to_first_token_seconds", "From a prompt's arrival in the queue "
+                                     "to its first new token (static: to the end of its generate call, when its "
+                                     "tokens appear)", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                                                10, 30), registry=registry)
         self.loaded = Gauge("generator_loaded_checkpoints", "Models in memory (base, loaded, evicted but in use, "
                             "loading)", registry=registry)
 
@@ -87,9 +93,10 @@ class GeneratorMetrics:
 
 
 class Streams:
-    """Admission for streamed sequences, which bypass the batcher: at most `limit` in flight (429 beyond), none once
-    closed (503). Their generate calls run one at a time on a thread of their own (they take turns with batches on
-    the model anyway), so waiting streams hold no thread the event loop needs."""
+    """Admission for streamed sequences, which bypass the batching queue's bound: at most `limit` in flight (429
+    beyond), none once closed (503). Continuous batching decodes them in the running batch; static batching runs
+    their generate calls one at a time on the executor's thread (they take turns with batches on the model anyway),
+    so waiting streams hold no thread the event loop needs. Streamed echo scores prompts on that thread too."""
 
     def __init__(self, limit: int):
         self.limit, self.used, self.closed = limit, 0, False
@@ -113,9 +120,13 @@ class Streams:
         self.executor.shutdown(wait=False)
 
 
+RunStream = Callable[[GenerationItem, Callable[[int, TokenLogprob | None], None], Callable[[], bool]],
+                     Awaitable[None]]
+
+
 def build_router(settings: GeneratorSettings, store: CheckpointStore,
-                 batcher: Batcher[GenerationItem, list[Completion]], metrics: GeneratorMetrics,
-                 not_ready: Callable[[], str | None], streams: Streams) -> APIRouter:
+                 batcher: Batcher[GenerationItem, list[Completion]] | Scheduler, metrics: GeneratorMetrics,
+                 not_ready: Callable[[], str | None], streams: Streams, run_stream: RunStream) -> APIRouter:
     def ready() -> None:  # while the base model loads every route says 503, never 404 for a checkpoint
         if (reason := not_ready()) is not None:
             raise ApiError(503, "unavailable", f"{reason}; retry", RETRY_SOON)
@@ -168,7 +179,10 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
 
     async def run(items: list[GenerationItem]) -> list[list[Completion]]:
         with batcher_errors():
-            results, _ = await batcher.submit(items, timeout=settings.batching.request_timeout_s)
+            results, timing = await batcher.submit(items, timeout=settings.batching.request_timeout_s)
+        if isinstance(batcher, Batcher):  # the scheduler reports first tokens as it makes them
+            for _ in items:
+                metrics.first_token.observe(timing.queue + timing.compute)
         metrics.tokens.inc(sum(c.tokens for per_prompt in results for c in per_prompt))
         return results
 
@@ -302,10 +316,13 @@ def build_router(settings: GeneratorSettings, store: CheckpointStore,
             metrics.tokens.inc()
             loop.call_soon_threadsafe(queue.put_nowait, (token, info))
 
-        def on_end() -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+        async def produce() -> None:
+            try:
+                await run_stream(item, on_token, halt.is_set)
+            finally:  # after every token: they were queued (call_soon_threadsafe) before the run could end
+                queue.put_nowait(None)
 
-        job = loop.run_in_executor(streams.executor, _stream_job, item, on_token, on_end, halt.is_set)
+        job = asyncio.ensure_future(produce())
         ids: list[int] = []
         infos: list[TokenLogprob | None] = []
         sent, released = "", 0
@@ -350,13 +367,6 @@ def _choice(item: GenerationItem, j: int) -> GenerationItem:
     seed = None if item.params.seed is None else item.params.seed + j
     params = dataclasses.replace(item.params, seed=seed, num_return_sequences=1)
     return GenerationItem(item.policy, item.prompt, item.prompt_ids, params, item.request_id)
-
-
-def _stream_job(item: GenerationItem, on_token, on_end, should_stop) -> None:
-    try:
-        generate_streaming(item, on_token, should_stop)
-    finally:
-        on_end()
 
 
 def _event(body: dict) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
@@ -11,10 +12,16 @@ from shared.settings import ServiceSettings
 
 
 class GeneratorBatching(BaseModel):
-    max_batch_size: int = Field(16, ge=1, description="Most sequences in one generate call (1 turns batching off).")
-    max_batch_tokens: int = Field(65536, ge=1, description="Most padded (prompt + new) tokens in one call.")
-    max_wait_ms: float = Field(50.0, ge=0, description="Longest wait for compatible requests (cut short once as "
-                               "many are waiting as in recent batches).")
+    mode: Literal["continuous", "static"] = Field("continuous", description="continuous: requests join and leave "
+                                                  "the running batch between tokens; static: one generate call per "
+                                                  "batch of compatible requests.")
+    max_batch_size: int = Field(16, ge=1, description="Most sequences decoding together (1 turns batching off).")
+    max_batch_tokens: int = Field(65536, ge=1, description="Most padded (prompt + new) tokens in one batch.")
+    max_wait_ms: float = Field(50.0, ge=0, description="static: longest wait for compatible requests (cut short "
+                               "once as many are waiting as in recent batches).")
+    join_wait_steps: int = Field(8, ge=0, description="continuous: decode steps a request may wait to join a "
+                                 "running batch, so that joiners share one prefill (at once when they are a quarter of "
+                                 "the running rows).")
     max_queue_size: int = Field(1024, ge=1, description="Most sequences waiting; more -> 429 Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request not served by then gets 503.")
     max_streams: int = Field(64, ge=1, description="Most streamed sequences (prompts x n) in flight; more -> 429 "

@@ -96,17 +96,18 @@ def test_non_finite_logits_are_a_logged_500(tiny_kit, tmp_path, serve, caplog):
 
 # -- 3: the batch worker and shutdown -------------------------------------------------------------------------------
 
-def test_readyz_follows_the_batch_worker(tiny_kit, serve):
-    app = create_app(generator_settings(tiny_kit, None))
+@pytest.mark.parametrize("mode, step", [("continuous", "_admit"), ("static", "_take_batch")])
+def test_readyz_follows_the_batch_worker(tiny_kit, serve, mode, step):
+    app = create_app(generator_settings(tiny_kit, None, batching={"mode": mode}))
     s = serve(app)
-    batcher = app.state.batcher
-    take = batcher._take_batch
+    batcher = app.state.batcher  # the continuous scheduler or the static batcher: the step that picks the rows
+    take = getattr(batcher, step)
 
     def die_once():  # a bug in the worker itself (never a model error): it dies and restarts after a pause
-        batcher._take_batch = take
+        setattr(batcher, step, take)
         raise RuntimeError("injected worker fault")
 
-    batcher._take_batch = die_once
+    setattr(batcher, step, die_once)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(generate, s.url)
         seen = watch_readyz(s.url)
