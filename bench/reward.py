@@ -26,6 +26,17 @@ pinned to a core of its own, every thread of it, as a container with `cpus: 1` w
 pinned). One replica alone uses a little more than one core (event loop and torch thread), so on a 2-core machine
 `shared` cannot reach 2x: the machine, not the client, is then the limit.
 
+Part `backends` (the base size): for each reward backend (`--backends`, default torch:float32, torch:bfloat16,
+onnx:float32, onnx:int8) the in-process ceiling (the service's own Scorer, `--max-batch-size` texts per batch,
+tokenizing included) and the service's texts/s at 64 clients (the model's `backend` and `dtype` in its config).
+`best_backend_vs_fp32_ceiling` = the best backend's service texts/s at 64 clients / the float32 torch pipeline
+ceiling (as in part sizes); `best_backend_vs_fp32_scorer_ceiling` the same against the float32 Scorer ceiling. ONNX
+graphs are exported (and int8 quantized) once, before anything is timed. Target: >= 3.
+
+Part `ceiling` (the base size, in-process only; with `--device cuda` it imports no web stack): each backend's
+Scorer ceiling at `--max-batch-size` and at batch 1, `batching_speedup` = batched / batch-1 texts/s, and the GPU's
+name. Its default backends: torch:float32 and torch:float16 (sdpa attention) on cuda, as part backends on a CPU.
+
 Each load measurement also reports where the time went: the service's mean batch size, queue and inference time
 (from its response headers and /metrics), the service's CPU ms per text and the load generator's CPU use (read
 from /proc), so a low number can be told apart from a saturated load generator.
@@ -35,6 +46,8 @@ replicas` alone about a minute):
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reward.py [--parts sizes,replicas] --sizes tiny,base [--duration 6] \
         [--threads 1] [--dtype float32|bfloat16] [--max-batch-size 32] [--max-wait-ms 2] [--out result.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reward.py --parts backends [--backends onnx:int8,torch:float32]
+    HF_HUB_OFFLINE=1 python bench/reward.py --parts ceiling --device cuda
 
 Progress goes to stderr; the last line of stdout is one JSON object with every number.
 """
@@ -151,11 +164,11 @@ def loadgen_main(argv: list[str]) -> None:
 # -- the service under test -----------------------------------------------------------------------------------------
 
 def reward_service(model_dir: Path, work: Path, tag: str, *, threads: int, dtype: str, max_batch_size: int,
-                   max_wait_ms: float, log_level: str):
+                   max_wait_ms: float, log_level: str, backend: str = "torch"):
     """The reward service serving `model_dir` in a subprocess (see common.running_service)."""
-    # dtype is per model, so it can only be set in a config file; the rest goes on the command line.
+    # dtype and backend are per model, so they are set in a config file; the rest goes on the command line.
     config = {
-        "models": [{"name": MODEL_NAME, "source": str(model_dir), "dtype": dtype}],
+        "models": [{"name": MODEL_NAME, "source": str(model_dir), "dtype": dtype, "backend": backend}],
         "device": "cpu",
         "log_level": log_level,  # "info" would add an access-log line per request to what is measured
     }
@@ -405,9 +418,93 @@ def bench_replicas(model_dir: Path, texts: list[str], work: Path, args) -> dict:
     return result
 
 
+# -- backends: each reward backend's in-process ceiling and service throughput ------------------------------------
+
+BACKEND_TARGET = 3.0  # best backend's service at 64 clients against the float32 torch ceiling
+DEFAULT_BACKENDS = {"cpu": "torch:float32,torch:bfloat16,onnx:float32,onnx:int8", "cuda": "torch:float32,torch:float16"}
+
+
+def scorer_ceiling(scorer, texts: list[str], batch_size: int, duration: float) -> float:
+    """texts/s of the service's own Scorer in this process: tokenize `batch_size` texts, pad, run the backend."""
+    def one(i: int) -> int:
+        part = [texts[(i + k) % len(texts)] for k in range(batch_size)]
+        scorer.forward(scorer.tokenize(part, True))  # forward returns host lists: a GPU has finished by then
+        return len(part)
+
+    one(0)  # warm up: first calls allocate and pick kernels
+    if scorer.device.startswith("cuda"):  # and on a GPU each new shape costs once: see every shape first
+        for i in range(0, len(texts), batch_size):
+            one(i)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < duration or n < 2 * batch_size:
+        n += one(n)
+    return n / (time.perf_counter() - start)
+
+
+def bench_ceilings(model_dir: Path, texts: list[str], args) -> dict:
+    """Each backend's Scorer ceiling, batched and at batch 1; loading it first exports any ONNX graph (cached)."""
+    from services.reward.scorer import Scorer
+    from shared.schemas import ModelSpec
+
+    result = {}
+    for name in args.backends:
+        kind, dtype = name.split(":")
+        scorer = Scorer(ModelSpec(source=str(model_dir), backend=kind, dtype=dtype), device=args.device)
+        batched = scorer_ceiling(scorer, texts, args.max_batch_size, args.duration)
+        single = scorer_ceiling(scorer, texts, 1, args.duration / 2)
+        result[name] = {"ceiling_texts_per_s": rounded(batched, 1), "batch1_texts_per_s": rounded(single, 1),
+                        "batching_speedup": rounded(batched / single, 2)}
+        log(f"{name}: ceiling {batched:.1f} texts/s at batch {args.max_batch_size}, {single:.1f} at batch 1")
+        del scorer
+    return result
+
+
+def bench_ceiling_part(model_dir: Path, texts: list[str], args) -> dict:
+    result = {"model": model_facts(model_dir, texts), "device": args.device, "batch_size": args.max_batch_size,
+              "per_backend": bench_ceilings(model_dir, texts, args)}
+    if args.device.startswith("cuda"):
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name()
+    best = max(result["per_backend"], key=lambda k: result["per_backend"][k]["ceiling_texts_per_s"])
+    result["best_backend"] = best
+    result["batching_speedup"] = result["per_backend"][best]["batching_speedup"]
+    return result
+
+
+def bench_backends(model_dir: Path, texts: list[str], texts_file: Path, work: Path, args) -> dict:
+    """Part backends: ceilings in this process first, while nothing else runs; then one service per backend."""
+    result = {"model": model_facts(model_dir, texts), "batch_size": args.max_batch_size}
+    fp32 = measure_ceiling(model_dir, texts, args.max_batch_size, "float32", args.duration)
+    result["fp32_pipeline_ceiling_texts_per_s"] = rounded(fp32, 1)
+    log(f"float32 torch pipeline ceiling {fp32:.1f} texts/s")
+    per = bench_ceilings(model_dir, texts, args)
+    for name in args.backends:
+        kind, dtype = name.split(":")
+        with reward_service(model_dir, work, f"backend-{kind}-{dtype}", threads=args.threads, dtype=dtype,
+                            backend=kind, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                            log_level=args.service_log_level) as (url, proc):
+            r = run_load(url, proc.pid, texts_file, 64, args.warmup, args.duration)
+        log(f"{name}: service at 64 clients {r['texts_per_s']} texts/s, p50 {r['p50_ms']} ms, batch "
+            f"{r['mean_batch_size']}, errors {r['errors']}")
+        per[name]["service_64"] = r
+        per[name]["service_64_vs_fp32_ceiling"] = rounded(r["texts_per_s"] / fp32, 2)
+    result["per_backend"] = per
+    best = max(per, key=lambda k: per[k]["service_64"]["texts_per_s"])
+    top = per[best]["service_64"]["texts_per_s"]
+    result["best_backend"] = best
+    result["best_backend_vs_fp32_ceiling"] = rounded(top / fp32, 2)
+    if "torch:float32" in per:
+        result["best_backend_vs_fp32_scorer_ceiling"] = rounded(top / per["torch:float32"]["ceiling_texts_per_s"], 2)
+    result["targets_met"] = {f"best_backend_vs_fp32_ceiling>={BACKEND_TARGET:g}": top / fp32 >= BACKEND_TARGET}
+    log(f"best backend {best}: {top} texts/s at 64 clients, {result['best_backend_vs_fp32_ceiling']}x the float32 "
+        "ceiling")
+    return result
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="sizes,replicas", help="comma-separated: sizes, replicas")
+    p.add_argument("--parts", default="sizes,replicas", help="comma-separated: sizes, replicas, backends, ceiling")
     p.add_argument("--sizes", default="tiny,base", help="comma-separated: tiny, base (part sizes)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds measured per load level (and ceiling)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured window")
@@ -419,12 +516,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--service-log-level", default="warning", help="the service's log level (info logs each request)")
     p.add_argument("--replica-callers", type=int, default=4, help="threads calling score() (part replicas)")
     p.add_argument("--replica-call-texts", type=int, default=256, help="texts per score() call (part replicas)")
+    p.add_argument("--backends", default=None, help="comma-separated kind:dtype (parts backends and ceiling); "
+                   f"default {DEFAULT_BACKENDS['cpu']} (cuda: {DEFAULT_BACKENDS['cuda']})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: part ceiling only)")
     common.add_output_options(p)
     args = p.parse_args(argv)
     args.sizes = common.split_sizes(p, args.sizes, ("tiny", "base"))
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    if not args.parts or set(args.parts) - {"sizes", "replicas"}:
-        p.error(f"--parts takes sizes and/or replicas, got {args.parts}")
+    if not args.parts or set(args.parts) - {"sizes", "replicas", "backends", "ceiling"}:
+        p.error(f"--parts takes sizes, replicas, backends and/or ceiling, got {args.parts}")
+    if args.device != "cpu" and args.parts != ["ceiling"]:
+        p.error("--device cuda measures part ceiling only: the services here run on the CPU")
+    cuda = args.device.startswith("cuda")
+    args.backends = [b.strip() for b in (args.backends or DEFAULT_BACKENDS["cuda" if cuda else "cpu"]).split(",")]
+    known = {"torch:float32", "torch:bfloat16", "torch:float16", "onnx:float32", "onnx:int8"}
+    if set(args.backends) - known:
+        p.error(f"--backends takes {', '.join(sorted(known))}, got {args.backends}")
     return args
 
 
@@ -435,6 +542,7 @@ def main(argv: list[str]) -> None:
     settings = {"parts": args.parts, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
                 "max_wait_ms": args.max_wait_ms, "duration_s": args.duration, "warmup_s": args.warmup}
     report = common.report_header(args.threads, settings)
+    report["device"] = args.device
     report["code"] = common.code_version()
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-reward-"))
     try:
@@ -442,18 +550,28 @@ def main(argv: list[str]) -> None:
         texts = common.heldout_texts(tiny)
         texts_file = work / "texts.json"
         texts_file.write_text(json.dumps(texts))
+        base = work / "distilbert-base-random"
+        if {"backends", "ceiling"} & set(args.parts) or ("sizes" in args.parts and "base" in args.sizes):
+            build_base_model(tiny / "tiny-sentiment", base)
         for size in args.sizes if "sizes" in args.parts else []:
-            model_dir = tiny / "tiny-sentiment" if size == "tiny" else build_base_model(
-                tiny / "tiny-sentiment", work / "distilbert-base-random")
+            model_dir = tiny / "tiny-sentiment" if size == "tiny" else base
             report[size] = bench_size(size, model_dir, texts, texts_file, work, args)
         if "replicas" in args.parts:
             report["replicas"] = bench_replicas(tiny / "tiny-sentiment", texts, work, args)
+        if "ceiling" in args.parts:
+            report["ceiling"] = bench_ceiling_part(base, texts, args)
+            report["batching_speedup"] = report["ceiling"]["batching_speedup"]
+        if "backends" in args.parts:
+            report["backends"] = bench_backends(base, texts, texts_file, work, args)
+            report["best_backend_vs_fp32_ceiling"] = report["backends"]["best_backend_vs_fp32_ceiling"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "base" in report:
         report["targets_met"] = report["base"]["targets_met"]  # the issue's targets are about the base size
     if "replicas" in report:
         report.setdefault("targets_met", {}).update(report["replicas"]["targets_met"])
+    if "backends" in report:
+        report.setdefault("targets_met", {}).update(report["backends"]["targets_met"])
     common.print_report(report, started, args.out)
 
 

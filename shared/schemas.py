@@ -14,6 +14,12 @@ ScoreKind = Literal["prob", "logit"]
 # tokenizer's chat template with user = prompt and assistant = response; `auto`: chat when the tokenizer has a
 # chat template, else text.
 InputKind = Literal["text", "pair", "chat"]
+# What runs a reward model and at which precision; which dtypes each backend takes (float16: GPU only, checked at
+# load). `auto` takes float32 only, the default: it picks the dtype itself.
+Backend = Literal["torch", "onnx", "auto"]
+Dtype = Literal["float32", "bfloat16", "float16", "int8"]
+BACKEND_DTYPES: dict[str, tuple[str, ...]] = {"torch": ("float32", "bfloat16", "float16"),
+                                              "onnx": ("float32", "int8"), "auto": ("float32",)}
 # Normalization bounds: (score - mean) / std stays finite for any score a model can produce.
 MAX_REWARD_MEAN, MIN_REWARD_STD, MAX_REWARD_STD = 1e12, 1e-12, 1e12
 
@@ -103,8 +109,14 @@ class ModelSpec(BaseModel):
         "and for a model with `normalize`.")
     max_length: int | None = Field(None, ge=1, description="Token limit; default: the tokenizer's model_max_length.")
     revision: Text | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute precision; bfloat16 uses autocast (4x faster on CPUs with AMX).")
+    backend: Backend = Field(
+        "torch", description="What runs the model: `torch`, `onnx` (exported once with torch.onnx, cached beside the "
+        "model, run by onnxruntime) or `auto` (a short calibration at load times each backend and dtype this machine "
+        "can run and keeps the fastest whose scores match float32 torch within its tolerance).")
+    dtype: Dtype = Field(
+        "float32", description="Compute precision. torch: float32, bfloat16 (autocast; fast on CPUs with AVX-512 BF16 "
+        "or AMX), float16 (GPU only). onnx: float32 or int8 (dynamic quantization). auto: leave it out (it is "
+        "chosen).")
     input: InputKind | Literal["auto"] = Field(
         "text", description="How the model takes its input: `text` (the whole text), `pair` ((prompt, response) as "
         "a tokenizer text pair), `chat` (the tokenizer's chat template, user = prompt, assistant = response) or "
@@ -115,6 +127,15 @@ class ModelSpec(BaseModel):
     reward_mean: float | None = Field(None, ge=-MAX_REWARD_MEAN, le=MAX_REWARD_MEAN, description="Mean for "
                                       "`normalize`.")
     reward_std: float | None = Field(None, ge=MIN_REWARD_STD, le=MAX_REWARD_STD, description="Std for `normalize`.")
+
+    @model_validator(mode="after")
+    def _backend_takes_dtype(self) -> ModelSpec:
+        allowed = BACKEND_DTYPES[self.backend]
+        if self.dtype not in allowed:
+            raise ValueError(f"backend {self.backend} does not take dtype {self.dtype}: it takes "
+                             f"{' or '.join(allowed)}" + (" (auto chooses the dtype itself)" if self.backend == "auto"
+                                                          else ""))
+        return self
 
     @model_validator(mode="after")
     def _normalization_is_consistent(self) -> ModelSpec:
@@ -136,9 +157,12 @@ class ModelInfo(BaseModel):
     reward_label: str
     score_kind: ScoreKind
     max_length: int
-    dtype: str
+    dtype: str = Field(description="The precision it runs at (with backend auto: the one chosen).")
     device: str
     default: bool
+    backend: Literal["torch", "onnx"] = Field("torch", description="What runs it (with backend auto: the one "
+                                              "chosen).")
+    backend_requested: Backend = Field("torch", description="The spec's backend: `auto` when it was chosen at load.")
     input: InputKind = Field("text", description="How the model takes its input (`auto` resolved).")
     reward_mean: float | None = Field(None, description="Normalization mean; null when scores are not normalized.")
     reward_std: float | None = Field(None, description="Normalization std; null when scores are not normalized.")

@@ -37,6 +37,9 @@ def serve(
     label: Annotated[Optional[str], typer.Option(help="Reward label name (default POSITIVE).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of --model for clients.")] = None,
     score: Annotated[Optional[str], typer.Option(help="prob or logit.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="What runs --model: torch, onnx or auto.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="--model's precision: float32, bfloat16, float16 (GPU) for "
+                                                 "torch; float32, int8 for onnx.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file: models, batching, limits, keys.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,
@@ -53,7 +56,8 @@ def serve(
 
     batching = {k: v for k, v in {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}.items()
                 if v is not None}
-    settings = load_settings(config, {"model": model, "label": label, "name": name, "score": score, "host": host,
+    settings = load_settings(config, {"model": model, "label": label, "name": name, "score": score, "backend": backend,
+                                      "dtype": dtype, "host": host,
                                       "port": port, "torch_threads": torch_threads, "device": device,
                                       "log_level": log_level,
                                       "batching": batching})

@@ -86,8 +86,9 @@ class ModelRegistry:
             self._metrics.loaded.set(len(self._models))
             if old is not None:
                 self._retire(old)
-            log.info("model %r ready (label %s, score %s, input %s, max_length %d)", name, scorer.label,
-                     scorer.spec.score, scorer.input_kind, scorer.max_length)
+            log.info("model %r ready (label %s, score %s, input %s, max_length %d, backend %s %s)", name,
+                     scorer.label, scorer.spec.score, scorer.input_kind, scorer.max_length, scorer.backend.kind,
+                     scorer.backend.dtype)
             return handle, old is not None
 
     async def remove(self, name: str) -> None:
@@ -125,6 +126,7 @@ class ModelRegistry:
             ModelInfo(name=name, source=h.scorer.spec.source, labels=h.scorer.id2label, reward_label=h.scorer.label,
                       score_kind=h.scorer.spec.score, max_length=h.scorer.max_length, dtype=h.scorer.spec.dtype,
                       device=h.scorer.device, default=name == self.default, input=h.scorer.input_kind,
+                      backend=h.scorer.backend.kind, backend_requested=h.scorer.backend_requested,
                       reward_mean=h.scorer.reward_mean, reward_std=h.scorer.reward_std)
             for name, h in self._models.items()
         ]

@@ -5,6 +5,9 @@ Kinds of model served (any `AutoModelForSequenceClassification` checkpoint):
 - scalar-head reward models (num_labels 1, as OpenAssistant's and OpenRLHF's): the raw value is the reward;
 - encoder backbones (BERT-like, pooled first token) and causal-LM backbones (GPT-2, Llama: the last real token);
 - input as the text alone, (prompt, response) as a tokenizer text pair, or through the tokenizer's chat template.
+
+The forward pass itself is a backend's (backends.py: torch, or an ONNX export run by onnxruntime); the Scorer
+tokenizes, pads and turns logits into scores.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import threading
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from services.reward.backends import Backend, Batch, TorchBackend, cpu_has_fast_bf16, onnx_providers
+from services.reward.calibration import Candidate, choose, synthetic_texts
 from shared.modeling import ModelLoadError, load_pretrained
 from shared.schemas import MAX_REWARD_MEAN, MAX_REWARD_STD, MIN_REWARD_STD, InputKind, ModelSpec, ScoreKind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REWARD_LABEL = "POSITIVE"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GPU_PAD_MULTIPLE = 8
+# Two small padded batches of different shapes (texts, words): what an ONNX export traces and is checked on.
+_PROBE_SHAPES = ((2, 6), (3, 11))
 
 
 class TextTooLongError(ValueError):
@@ -66,10 +73,10 @@ class Scorer:
 
     def __init__(self, spec: ModelSpec, device: str = "cpu"):
         self.device = device
+        self._gpu = torch.device(device).type == "cuda"
         self.source = spec.source
         self.tokenizer = load_pretrained(AutoTokenizer, spec.source, revision=spec.revision)
-        self.model, info = load_pretrained(AutoModelForSequenceClassification, spec.source, revision=spec.revision,
-                                           output_loading_info=True)
+        self.model, info = self._load_model(spec)
         if missing := sorted(info.get("missing_keys") or ()):
             unexpected = sorted(info.get("unexpected_keys") or ())
             hint = f" (the checkpoint has {', '.join(unexpected[:5])} instead)" if unexpected else ""
@@ -86,7 +93,6 @@ class Scorer:
         self.reward_mean, self.reward_std = self._normalization(spec)
         score = self._score_kind(spec)
         self.input_kind: InputKind = self._input_kind(spec.input)
-        self.spec = spec.model_copy(update={"score": score, "input": self.input_kind})
         self.max_length = self._max_length(spec.max_length)
         if self.input_kind == "pair" and self.max_length <= (extra := self.tokenizer.num_special_tokens_to_add(True)):
             raise ModelLoadError(f"max_length {self.max_length} leaves no room for a text pair: the tokenizer adds "
@@ -97,8 +103,60 @@ class Scorer:
         if getattr(config, "use_cache", None):
             config.use_cache = False  # one forward pass per batch: a KV cache would only cost memory
         self._lock = threading.Lock()  # one forward at a time even if a model is shared by two batchers
+        self.backend_requested = spec.backend
+        self.backend = self._backend(spec)
+        self.spec = spec.model_copy(update={"score": score, "input": self.input_kind, "backend": self.backend.kind,
+                                            "dtype": self.backend.dtype})
+        # The backend's model (auto on a GPU may have cast a copy); none for ONNX: the graph has the weights.
+        self.model = getattr(self.backend, "model", None)
 
     # -- load-time resolution ---------------------------------------------------------------------------------------
+
+    def _load_model(self, spec: ModelSpec):
+        """The classifier and its loading info; on a GPU with PyTorch's fused attention (sdpa) where it has one."""
+        load = lambda **kw: load_pretrained(AutoModelForSequenceClassification, spec.source,  # noqa: E731
+                                            revision=spec.revision, output_loading_info=True, **kw)
+        if self._gpu:
+            try:
+                return load(attn_implementation="sdpa")
+            except ModelLoadError as exc:
+                log.info("%s: no sdpa attention (%s); loading with the default", spec.source, exc)
+        return load()
+
+    def _backend(self, spec: ModelSpec) -> Backend:
+        """The backend of the spec, or (auto) the fastest that agrees with float32 torch on synthetic batches."""
+        if spec.backend != "auto":
+            return self._make_backend(spec.backend, spec.dtype, shared=False)
+        cuda = self._gpu
+        wanted = [("torch", "float32"), ("torch", "float16" if cuda else "bfloat16")]
+        if not cuda and not cpu_has_fast_bf16():
+            wanted.pop()
+            log.info("%s: auto skips torch bfloat16: this CPU has neither AVX-512 BF16 nor AMX", self.source)
+        if not cuda or "CUDAExecutionProvider" in onnx_providers(self.device):
+            wanted += [("onnx", "float32")] + ([] if cuda else [("onnx", "int8")])  # int8 matmuls: CPU kernels
+        candidates = [Candidate(k, d, lambda k=k, d=d: self._make_backend(k, d)) for k, d in wanted]
+        batches = [self.pad(self.tokenize(texts, True, self._no_prompts(texts)))
+                   for texts in synthetic_texts(self._vocabulary())]
+        return choose(candidates, batches, self.probabilities, self.label_index, self.source)
+
+    def _make_backend(self, kind: str, dtype: str, shared: bool = True) -> Backend:
+        """`shared`: the torch model must stay as it is for other candidates (auto)."""
+        if kind == "torch":
+            return TorchBackend(self.model, self.device, dtype, shared=shared)
+        from services.reward.onnx_cache import load_onnx  # onnxruntime only when asked for
+
+        probes = [self.pad(self.tokenize(texts, True, self._no_prompts(texts)))
+                  for texts in synthetic_texts(self._vocabulary(), _PROBE_SHAPES, seed=1)]
+        return load_onnx(self.model, dtype, self.device, self.source, probes, self._type_ids, self.max_length)
+
+    def _vocabulary(self) -> list[str]:
+        """Whole-word tokens of the tokenizer (BPE's word-start marks dropped), to make synthetic texts from."""
+        words = {w.lstrip("Ġ▁") for w in self.tokenizer.get_vocab()}
+        return sorted(w for w in words if w.isalpha()) or ["text"]
+
+    def _no_prompts(self, texts: list[str]) -> list[str] | None:
+        """Empty prompts for a pair or chat model (the whole text is the response); None for a text model."""
+        return None if self.input_kind == "text" else [""] * len(texts)
 
     def _label(self, wanted: str | None) -> int:
         if not self.scalar:
@@ -219,16 +277,20 @@ class Scorer:
             return [Encoded(seq, types) for seq, types in zip(ids, enc["token_type_ids"])]
         return ids
 
-    def _autocast(self):
-        if self.spec.dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=_DTYPES[self.spec.dtype])
-
-    @torch.inference_mode()
     def forward(self, batch: list[list[int]]) -> list[list[float]]:
-        """Logits for each sequence, (B, num_labels), as float lists. Right padding with an attention mask, padded
-        with the model's own pad id, so a causal-LM classifier finds each row's last real token."""
+        """Logits for each sequence, (B, num_labels), as float lists, from the backend."""
+        padded = self.pad(batch)
+        with self._lock:
+            return self.backend.run(*padded).tolist()  # (B, num_labels)
+
+    def pad(self, batch: list[list[int]]) -> Batch:
+        """Right padding with an attention mask, padded with the model's own pad id, so a causal-LM classifier finds
+        each row's last real token. On a GPU the width is rounded up to a multiple of GPU_PAD_MULTIPLE (at most
+        max_length): every new (B, T) shape costs a GPU float16 forward a one-off ~8 ms, and fewer widths mean
+        fewer new shapes (and tensor-core-friendly ones)."""
         width = max(map(len, batch))
+        if self._gpu:
+            width = min(-(-width // GPU_PAD_MULTIPLE) * GPU_PAD_MULTIPLE, max(width, self.max_length))
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
         typed = any(getattr(seq, "type_ids", None) is not None for seq in batch)
@@ -238,17 +300,12 @@ class Scorer:
             mask[row, : len(seq)] = 1
             if types is not None and getattr(seq, "type_ids", None) is not None:
                 types[row, : len(seq)] = torch.tensor(seq.type_ids, dtype=torch.long)
-        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if types is not None:
-            inputs["token_type_ids"] = types.to(self.device)
-        with self._lock, self._autocast():
-            logits = self.model(**inputs).logits
-        return logits.float().cpu().tolist()  # (B, num_labels)
+        return Batch(ids, mask, types)
 
-    def probabilities(self, logits: list[list[float]]) -> torch.Tensor:
+    def probabilities(self, logits: list[list[float]] | torch.Tensor) -> torch.Tensor:
         """(N, num_labels): softmax over labels, or independent sigmoids for a multi-label model and for a scalar
         head (as transformers' text-classification pipeline does: a softmax over one logit is always 1)."""
-        x = torch.tensor(logits, dtype=torch.float32)
+        x = torch.as_tensor(logits, dtype=torch.float32)
         return x.sigmoid() if self.multi_label or self.scalar else x.softmax(-1)
 
     def scores(self, logits: list[list[float]], label_index: int | None = None) -> list[float]:

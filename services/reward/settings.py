@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.schemas import NamedModelSpec, ScoreKind
+from shared.schemas import Backend, Dtype, NamedModelSpec, ScoreKind
 from shared.settings import ServiceSettings
 
 
@@ -30,6 +30,9 @@ class RewardSettings(ServiceSettings):
     name: str = Field("default", description="Shorthand: the name of `model`.")
     score: ScoreKind | None = Field(
         None, description="Shorthand: `prob` or `logit` for `model` (default: prob, logit for a scalar-head model).")
+    backend: Backend | None = Field(None, description="Shorthand: the backend of `model` (torch, onnx, auto).")
+    dtype: Dtype | None = Field(None, description="Shorthand: the dtype of `model` (float32, bfloat16, float16, "
+                                "int8; which the backend takes).")
     batching: BatchingSettings = Field(default_factory=BatchingSettings, description="Dynamic batching.")
     admin_api_key: str | None = Field(
         None, description="Key for PUT/DELETE /v1/models. Model control is OFF (403) unless it is set; it must "
@@ -46,8 +49,12 @@ class RewardSettings(ServiceSettings):
     @model_validator(mode="after")
     def _one_model_at_least(self) -> RewardSettings:
         if self.model:
-            self.models = [NamedModelSpec(name=self.name, source=self.model, label=self.label, score=self.score),
+            chosen = {k: v for k, v in {"backend": self.backend, "dtype": self.dtype}.items() if v is not None}
+            self.models = [NamedModelSpec(name=self.name, source=self.model, label=self.label, score=self.score,
+                                          **chosen),
                            *[m for m in self.models if m.name != self.name]]
+        elif self.backend is not None or self.dtype is not None:
+            raise ValueError("backend and dtype here apply to `model`; set them per model in `models` instead")
         if not self.models:
             raise ValueError("no reward model configured: pass --model SOURCE, --config FILE or set REWARD_MODEL")
         names = [m.name for m in self.models]
