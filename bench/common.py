@@ -445,7 +445,14 @@ def histogram_mean(first: dict, last: dict, histogram: str) -> float:
 # -- memory ------------------------------------------------------------------------------------------------------------
 
 def max_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (ru_maxrss, kB on Linux)."""
+    """This process's peak resident memory so far, in MB: VmHWM where /proc has it, else ru_maxrss (which Linux
+    carries over from the parent at fork and exec: a child of a big process would report the parent's size)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux

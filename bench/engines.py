@@ -115,7 +115,8 @@ def tiny_overrides(spec: dict) -> list[str]:
             "train.tensorboard=false", "train.eval_samples_per_prompt=1", f"train.torch_threads={spec['threads']}",
             f"data.eval_prompts={len(spec['eval_prompts'])}",
             f"method.max_grad_norm={spec['max_grad_norm']}",
-            f"model.num_layers_unfrozen={LAYERS[spec['engine']]}"]
+            f"model.num_layers_unfrozen={LAYERS[spec['engine']]}",
+            "train.mixed_precision=no"]  # float32 on every engine: trlX and trl 0.11.4 run float32 here
 
 
 def peak_rss_mb(who: int) -> float:
@@ -185,9 +186,10 @@ def _logits_only(base):
             super().__init__()
             self.base = base
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, keep=0):
             out = self.base(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids(attention_mask), output_hidden_states=True, use_cache=False)
+                            position_ids=position_ids(attention_mask), output_hidden_states=True, use_cache=False,
+                            logits_to_keep=keep)
             return out.logits, out.logits.new_zeros(out.logits.shape[:2]), out.hidden_states
 
     return LogitsOnly()
@@ -199,11 +201,11 @@ class _Reference:
     def __init__(self, model):
         self.model = model
 
-    def logits(self, input_ids, attention_mask, hidden_states=None):
+    def logits(self, input_ids, attention_mask, hidden_states=None, keep=0):
         from services.trainer.policy import position_ids
 
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                          use_cache=False, logits_to_keep=keep).logits
 
 
 def trl_evaluator(config, runner, reward_fn, eval_prompts: list[str]):
@@ -216,6 +218,7 @@ def trl_evaluator(config, runner, reward_fn, eval_prompts: list[str]):
     ev = PPOTrainer.__new__(PPOTrainer)
     ev.config, ev.tokenizer, ev.reward_fn, ev.eval_prompts = config, runner.tokenizer, reward_fn, eval_prompts
     ev.accelerator = Accelerator(cpu=True)
+    ev.precision = "no"  # trl's models run float32
     ev.model = _logits_only(runner.trainer.model.pretrained_model)
     ev.reference = _Reference(runner.trainer.ref_model.pretrained_model)
     ev.eos = runner.tokenizer.eos_token_id

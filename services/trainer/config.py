@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from shared.settings import read_yaml
 
@@ -65,6 +65,24 @@ class TrainConfig(_Section):
     eval_samples_per_prompt: int = Field(2, ge=1, description="Samples averaged per eval prompt (less noise).")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads.")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "auto", description="Forward passes (rollouts, reference, updates) under bf16/fp16 autocast; weights, "
+        "optimizer state and the PPO math stay float32. `auto`: bf16 on a GPU that supports it or a CPU with "
+        "AVX-512 BF16 or AMX, else `no`. fp16 needs a GPU (loss scaling). Native engine only.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _runs_here(cls, value: str) -> str:
+        if value in ("bf16", "fp16"):  # fp16 without a GPU fails at load, not after the models load
+            from services.trainer import precision
+
+            precision.resolve(value)
+        return value
 
 
 class ModelConfig(_Section):
@@ -101,8 +119,13 @@ class OptimizerConfig(_Section):
     def build(self, params):
         import torch
 
+        kwargs = self.kwargs
+        if self.name in ("adam", "adamw") and not {"fused", "foreach"} & set(kwargs):
+            # The same update in one kernel instead of ~10 ops per tensor: on 2 CPU cores AdamW's step on GPT-2
+            # small took 0.2 s unfused, 0.03 s fused. `fused: false` in kwargs turns it off.
+            kwargs = {**kwargs, "fused": True}
         return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.name](
-            params, **self.kwargs)
+            params, **kwargs)
 
 
 class SchedulerConfig(_Section):

@@ -15,13 +15,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from services.trainer import precision
 from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler
 from services.trainer.policy import (
     PolicyWithValueHead,
-    response_entropy,
+    response_keep,
     response_logprobs,
+    response_logprobs_and_entropy,
     response_mask,
+    response_values,
 )
 from services.trainer.ppo import (
     AdaptiveKLController,
@@ -91,7 +94,11 @@ class PPOTrainer:
                  sampler: PromptSampler, eval_prompts: list[str], accelerator: Accelerator | None = None):
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
         self.sampler, self.eval_prompts = sampler, eval_prompts
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.precision = precision.resolve(config.train.mixed_precision)
+        self.accelerator = accelerator or precision.make_accelerator(self.precision)
+        if self.accelerator.mixed_precision != self.precision:
+            raise ValueError(f"the accelerator runs mixed precision {self.accelerator.mixed_precision}, the config "
+                             f"{self.precision}: build it with precision.make_accelerator")
         optimizer = config.optimizer.build([p for p in policy.parameters() if p.requires_grad])  # unfrozen ones
         scheduler = self._make_scheduler(optimizer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
@@ -109,6 +116,11 @@ class PPOTrainer:
     @property
     def policy(self) -> PolicyWithValueHead:
         return self.accelerator.unwrap_model(self.model)
+
+    def autocast(self):
+        """Every forward pass runs under this (generation and the reference too, not only the prepared model's);
+        one context around several passes casts each trainable weight to half precision once."""
+        return precision.autocast(self.accelerator.device.type, self.precision)
 
     # -- one PPO iteration -------------------------------------------------------------------------------------------
 
@@ -155,14 +167,15 @@ class PPOTrainer:
         gen = (m.gen_kwargs if evaluation else m.rollout_kwargs).model_dump()
         max_prompt = self.config.train.seq_length - m.gen_kwargs.max_new_tokens  # as trlX sizes prompts
         queries, query_masks, responses = [], [], []
-        for i in range(0, len(prompts), m.chunk_size):
-            chunk = prompts[i : i + m.chunk_size]
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt,
-                                 add_special_tokens=False).to(self.accelerator.device)
-            out = self.policy.base.generate(**enc, **{"pad_token_id": self.eos, "eos_token_id": self.eos, **gen})
-            queries.append(enc.input_ids)
-            query_masks.append(enc.attention_mask)
-            responses.append(out[:, enc.input_ids.shape[1]:])
+        with self.autocast():  # generate samples from float32 logits (it casts them) whatever the forward's dtype
+            for i in range(0, len(prompts), m.chunk_size):
+                chunk = prompts[i : i + m.chunk_size]
+                enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
+                                     max_length=max_prompt, add_special_tokens=False).to(self.accelerator.device)
+                out = self.policy.base.generate(**enc, **{"pad_token_id": self.eos, "eos_token_id": self.eos, **gen})
+                queries.append(enc.input_ids)
+                query_masks.append(enc.attention_mask)
+                responses.append(out[:, enc.input_ids.shape[1]:])
         response_t = _pad_cat(responses, self.eos, left=False)
         mask = response_mask(response_t, self.eos)
         outputs = [self.tokenizer.decode(r[: int(n)], skip_special_tokens=True)
@@ -196,14 +209,18 @@ class PPOTrainer:
         """Log-probs, values and entropy of the sampled responses under the current policy, and their log-probs under
         the reference (a hydra reference continues from this pass's trunk), (B, R) each."""
         q = rollouts.queries.shape[1]
+        sequences, attention_mask = rollouts.sequences, rollouts.attention_mask
+        keep = response_keep(sequences, q)
         logprobs, values, entropy, ref_logprobs = [], [], [], []
-        for sl in self._slices(len(rollouts)):
-            seq, att = rollouts.sequences[sl], rollouts.attention_mask[sl]
-            logits, v, hidden = self.policy(seq, att)
-            logprobs.append(response_logprobs(logits, seq, q))
-            values.append(v[:, q - 1 : -1])
-            entropy.append(response_entropy(logits, q))
-            ref_logprobs.append(response_logprobs(self.reference.logits(seq, att, hidden), seq, q))
+        with self.autocast():
+            for sl in self._slices(len(rollouts)):
+                seq, att = sequences[sl], attention_mask[sl]
+                logits, v, hidden = self.policy(seq, att, keep)
+                lp, ent = response_logprobs_and_entropy(logits, seq, q)
+                logprobs.append(lp)
+                entropy.append(ent)
+                values.append(response_values(v, seq, q))
+                ref_logprobs.append(response_logprobs(self.reference.logits(seq, att, hidden, keep), seq, q))
         return torch.cat(logprobs), torch.cat(values), torch.cat(entropy), torch.cat(ref_logprobs)
 
     def _slices(self, n: int) -> list[slice]:
@@ -213,31 +230,34 @@ class PPOTrainer:
     def update(self, rollouts: Rollouts) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches of `batch_size` rollouts."""
         m, q = self.config.method, rollouts.queries.shape[1]
-        collected: dict[str, list[float]] = {}
+        collected: dict[str, list] = {}  # floats, and grad norms as tensors until the end
         seq, att = rollouts.sequences, rollouts.attention_mask
+        keep = response_keep(seq, q)
         for _ in range(m.ppo_epochs):
             order = torch.randperm(len(rollouts), device=seq.device)
             for i in range(0, len(rollouts), self.config.train.batch_size):
                 idx = order[i : i + self.config.train.batch_size]
-                logits, values, _ = self.model(seq[idx], att[idx])
+                with self.autocast():  # the forward only: log-probs, values and the loss below are float32
+                    logits, values, _ = self.model(seq[idx], att[idx], keep)
                 logprobs = response_logprobs(logits, seq[idx], q)
                 loss, stats = ppo_losses(
-                    logprobs, values[:, q - 1 : -1], rollouts.logprobs[idx], rollouts.values[idx],
+                    logprobs, response_values(values, seq[idx], q), rollouts.logprobs[idx], rollouts.values[idx],
                     rollouts.advantages[idx], rollouts.returns[idx], rollouts.mask[idx], m.cliprange,
                     m.cliprange_value, m.vf_coef)
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 if m.max_grad_norm:
                     grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), m.max_grad_norm)
-                    collected.setdefault("ppo/grad_norm", []).append(float(grad_norm))
+                    collected.setdefault("ppo/grad_norm", []).append(grad_norm)  # read once, at the end
                 self.optimizer.step()
                 self.scheduler.step()
                 for key, value in {"ppo/policy/loss": stats.policy_loss, "ppo/val/loss": stats.value_loss,
                                    "ppo/policy/clipfrac": stats.policy_clipfrac,
                                    "ppo/val/clipfrac": stats.value_clipfrac, "ppo/policy/approx_kl": stats.approx_kl,
-                                   "ppo/policy/ratio": stats.ratio_mean, "ppo/loss/total": loss.item()}.items():
+                                   "ppo/policy/ratio": stats.ratio_mean,
+                                   "ppo/loss/total": stats.policy_loss + m.vf_coef * stats.value_loss}.items():
                     collected.setdefault(key, []).append(value)
-        out = {k: sum(v) / len(v) for k, v in collected.items()}
+        out = {k: float(sum(v) / len(v)) for k, v in collected.items()}
         out["ppo/learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from services.trainer.ppo import entropy_from_logits, logprobs_of_labels
+from services.trainer.ppo import logprobs_and_entropy, logprobs_of_labels
 from shared.modeling import load_pretrained
 
 
@@ -25,13 +25,18 @@ class PolicyWithValueHead(nn.Module):
         # float32 whatever the model's dtype: a bf16/fp16 checkpoint must not make the critic half precision
         self.value_head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1)).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Logits (B, L, V), values (B, L) and every layer's hidden states (what a hydra reference continues from)
-        for left-padded sequences."""
+        """Logits (B, K, V) and values (B, K) of the last K = `keep` positions (0: all L), and every layer's hidden
+        states (B, L, H) (what a hydra reference continues from), for left-padded sequences. PPO needs only the
+        positions that predict the response: the LM head skips the prompt's (with a 50k vocabulary it is a third
+        of GPT-2 small's compute)."""
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                        output_hidden_states=True, use_cache=False)
-        return out.logits, self.value_head(out.hidden_states[-1].float()).squeeze(-1), out.hidden_states
+                        output_hidden_states=True, use_cache=False, logits_to_keep=keep)
+        last = out.hidden_states[-1][:, -keep:]  # -0: all positions
+        with torch.autocast(last.device.type, enabled=False):  # the critic is float32 under mixed precision too
+            values = self.value_head(last.float()).squeeze(-1)
+        return out.logits, values, out.hidden_states
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -106,9 +111,11 @@ class FullReference:
         self.model.to(device)
         return self
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states=None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states=None,
+               keep: int = 0) -> torch.Tensor:
+        """Logits of the last `keep` positions (0: all), as the policy's forward."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False).logits
+                          position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=keep).logits
 
 
 class HydraReference(FullReference):
@@ -133,10 +140,11 @@ class HydraReference(FullReference):
                     getattr(module, attr).weight.data.zero_()
         self.model = head
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states=None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states=None,
+               keep: int = 0) -> torch.Tensor:
         return self.model(inputs_embeds=hidden_states[self.trunk_index].to(self.model.dtype),
                           attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          use_cache=False).logits
+                          use_cache=False, logits_to_keep=keep).logits
 
 
 def make_reference(model: PreTrainedModel, num_layers_unfrozen: int):
@@ -166,13 +174,31 @@ def _reference_error(model: PreTrainedModel, hydra: HydraReference) -> float:
     return diff[mask.bool()].max().item()
 
 
+def response_keep(sequences: torch.Tensor, query_len: int) -> int:
+    """How many trailing positions predict the response (Q-1..L-1: R + 1), for `keep=`."""
+    return sequences.shape[1] - query_len + 1
+
+
+def response_logits(logits: torch.Tensor, sequences: torch.Tensor, query_len: int) -> torch.Tensor:
+    """The logits (B, R, V) at positions Q-1..L-2, which predict response tokens Q..L-1; `logits` may hold all L
+    positions or only the last `response_keep` of them."""
+    return logits[:, -response_keep(sequences, query_len) : -1]
+
+
+def response_values(values: torch.Tensor, sequences: torch.Tensor, query_len: int) -> torch.Tensor:
+    """The values (B, R) of the states before each response token, from all L positions or the last kept ones."""
+    return values[:, -response_keep(sequences, query_len) : -1]
+
+
 def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, query_len: int) -> torch.Tensor:
-    """log p of each response token: logits (B, L, V) at positions Q-1..L-2 predict tokens Q..L-1 -> (B, R)."""
-    return logprobs_of_labels(logits[:, query_len - 1 : -1], sequences[:, query_len:])
+    """log p of each response token (B, R)."""
+    return logprobs_of_labels(response_logits(logits, sequences, query_len), sequences[:, query_len:])
 
 
-def response_entropy(logits: torch.Tensor, query_len: int) -> torch.Tensor:
-    return entropy_from_logits(logits[:, query_len - 1 : -1])  # (B, R)
+def response_logprobs_and_entropy(logits: torch.Tensor, sequences: torch.Tensor,
+                                  query_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` and the entropy of each response position (B, R)."""
+    return logprobs_and_entropy(response_logits(logits, sequences, query_len), sequences[:, query_len:])
 
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:

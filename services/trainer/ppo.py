@@ -37,16 +37,32 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     return out if shift_mean else out + mean
 
 
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)  # float32 whatever precision the forward pass ran in
+
+
+def _label_logprobs(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
 def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) for each position: logits (B, T, V), labels (B, T) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
+    return _label_logprobs(_log_softmax(logits), labels)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each position's distribution: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return _entropy(_log_softmax(logits))
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both of the above from one log-softmax: (B, T) each."""
+    logp = _log_softmax(logits)
+    return _label_logprobs(logp, labels), _entropy(logp)
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -123,9 +139,8 @@ def ppo_losses(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch
         approx_kl = torch.sum(((ratio - 1) - log_ratio) * mask) / n
 
     loss = pg_loss + vf_coef * vf_loss
-    stats = LossStats(pg_loss.item(), vf_loss.item(), pg_clipfrac.item(), vf_clipfrac.item(), approx_kl.item(),
-                      masked_mean(ratio, mask).item())
-    return loss, stats
+    parts = torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, masked_mean(ratio, mask)])
+    return loss, LossStats(*parts.detach().tolist())  # one device sync, not six
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

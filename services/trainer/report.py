@@ -17,6 +17,7 @@ from shared.checkpoints import scan_checkpoints
 from shared.clients import GeneratorClient, RewardClient
 
 EVAL_PROMPTS = "eval_prompts.json"
+MIXED_PRECISION_KEY = "train/mixed_precision"  # in each checkpoint's manifest metrics: no, bf16 or fp16
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -104,7 +105,8 @@ Written {time.strftime("%Y-%m-%d %H:%M:%S")}. Trained checkpoint: `{trained}` (s
 | eval response length (tokens) | {fmt(first.get("eval/response_length"))} | {fmt(last.get("eval/response_length"))} |
 | reward of the examples below | {fmt(mean(base_scores))} | {fmt(mean(tuned_scores))} |
 
-Training took {duration:.0f} s over {max((m["step"] for m in metrics), default=0)} PPO iterations.
+Training took {duration:.0f} s over {max((m["step"] for m in metrics), default=0)} PPO iterations; mixed precision:
+{manifest.get("metrics", {}).get(MIXED_PRECISION_KEY, "n/a")}.
 
 ![reward and KL per step](report.png)
 

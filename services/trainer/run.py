@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from services.trainer import precision
 from services.trainer.checkpointing import load_trainer_state, prune, resume_candidates, save_checkpoint, update_best
 from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler, load_texts, make_prompts
@@ -23,7 +23,7 @@ from services.trainer.policy import (
     load_policy_and_tokenizer,
     make_reference,
 )
-from services.trainer.report import EVAL_PROMPTS, write_report
+from services.trainer.report import EVAL_PROMPTS, MIXED_PRECISION_KEY, write_report
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
 from shared.checkpoints import atomic_write_text, recover_checkpoints
@@ -101,7 +101,9 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
             report_run(config)
         return
     configure_torch(t.torch_threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    mixed = precision.resolve(t.mixed_precision)
+    log.info(precision.describe(t.mixed_precision, mixed))
+    accelerator = precision.make_accelerator(mixed)
     main = accelerator.is_main_process
     _seed_everything(t.seed + accelerator.process_index)  # before the value head is built: reproducible runs
 
@@ -273,6 +275,7 @@ def _checkpoint(trainer: PPOTrainer, config: TrainerConfig, status: TrainingStat
     per_rank = {"rng": state.pop("rng"), "sampler": state.pop("sampler")}
     ranks = gather_object([per_rank])
     if accelerator.is_main_process:
+        metrics = metrics | {MIXED_PRECISION_KEY: trainer.precision}  # what `auto` became, on the machine it ran on
         path = save_checkpoint(config.run_dir, trainer.iteration, trainer.policy, trainer.tokenizer,
                                {"shared": state, "ranks": ranks}, metrics, config.model_dump(mode="json"))
         status.last_checkpoint = f"{config.run_dir.name}/{path.name}"

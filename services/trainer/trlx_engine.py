@@ -195,6 +195,10 @@ def check_trlx_config(config: TrainerConfig, reward_fn: Callable | None = None,
     if m.max_grad_norm is not None:
         problems.append(f"method.max_grad_norm is {m.max_grad_norm}: trlX has no gradient clipping (no such "
                         "setting); set it to null to train with trlX, or use train.engine=native")
+    if config.train.mixed_precision in ("bf16", "fp16"):
+        problems.append(f"train.mixed_precision is {config.train.mixed_precision}: the trlX engine trains in "
+                        "float32 (trlX takes mixed precision from its own accelerate config); set it to auto or no, "
+                        "or use train.engine=native")
     if m.num_rollouts % m.chunk_size:
         problems.append(f"method.num_rollouts ({m.num_rollouts}) is not a multiple of method.chunk_size "
                         f"({m.chunk_size}): trlX collects whole chunks until it has num_rollouts, so it would train "

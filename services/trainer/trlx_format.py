@@ -143,6 +143,10 @@ def translate(data: dict, source: str | Path | None = None) -> Translation:
                          "corpus); add one, or pass prompts to train() in Python as to trlx.train()")
     _translate_model_and_tokenizer(data, out)
     _translate_method(method, out)
+    if "mixed_precision" not in train:  # trlX has no such key: its precision comes from accelerate's config
+        out.notes.append("train.mixed_precision unset -> auto: forward passes in bf16 where the GPU or CPU computes "
+                         "it natively (weights, optimizer and PPO math stay float32); set it to `no` for float32 "
+                         "throughout, as trlX runs without an accelerate mixed-precision config")
     data["optimizer"]["name"] = str(data["optimizer"].get("name", "adamw")).lower()
     data["scheduler"]["name"] = str(data["scheduler"].get("name", "cosine_annealing")).lower()
     method["name"] = "ppoconfig"

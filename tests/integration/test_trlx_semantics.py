@@ -58,6 +58,10 @@ def build(model_path, *sets: str, reward_fn=length_reward) -> tuple[PPOTrainer, 
     return trainer, initial
 
 
+# Exact comparisons with a float32 copy of the model need float32 forward passes.
+FLOAT32 = "train.mixed_precision=no"
+
+
 def tiny_gpt2(tiny_kit):
     return tiny_kit / "tiny-gpt2"
 
@@ -131,13 +135,14 @@ def test_hydra_reference_is_the_initial_model_on_the_tiny_kit(tiny_kit, unfrozen
     """trlX's hydra head (`num_layers_unfrozen` = N > 0): a frozen copy of the top N blocks run on the frozen trunk's
     hidden state gives the initial model's log-probs, on left-padded batches, before and after PPO iterations
     (N = 2: every block of the 2-layer kit trains, the hydra head starts from the embeddings)."""
-    trainer, initial = build(tiny_gpt2(tiny_kit), f"model.num_layers_unfrozen={unfrozen}", "optimizer.kwargs.lr=1e-3")
+    trainer, initial = build(tiny_gpt2(tiny_kit), f"model.num_layers_unfrozen={unfrozen}", "optimizer.kwargs.lr=1e-3",
+                             FLOAT32)
     check_hydra_tracks_initial_copy(trainer, initial, iterations=2)
 
 
 def test_hydra_reference_is_the_initial_model_on_a_4_layer_gpt2(gpt2_4_layers):
     """As above on a 4-layer GPT-2 with the top 2 blocks trained: the head continues from hidden_states[2]."""
-    trainer, initial = build(gpt2_4_layers, "model.num_layers_unfrozen=2", "optimizer.kwargs.lr=1e-3")
+    trainer, initial = build(gpt2_4_layers, "model.num_layers_unfrozen=2", "optimizer.kwargs.lr=1e-3", FLOAT32)
     assert trainer.reference.trunk_index == 2
     check_hydra_tracks_initial_copy(trainer, initial, iterations=3)
 
