@@ -20,6 +20,7 @@ from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler
 from services.trainer.policy import (
     PolicyWithValueHead,
+    float32_output_head,
     response_keep,
     response_logprobs,
     response_logprobs_and_entropy,
@@ -99,6 +100,9 @@ class PPOTrainer:
         if self.accelerator.mixed_precision != self.precision:
             raise ValueError(f"the accelerator runs mixed precision {self.accelerator.mixed_precision}, the config "
                              f"{self.precision}: build it with precision.make_accelerator")
+        if self.precision != "no":  # the logits that log-probs come from stay float32
+            for model in (policy.base, reference.model):
+                float32_output_head(model)
         optimizer = config.optimizer.build([p for p in policy.parameters() if p.requires_grad])  # unfrozen ones
         scheduler = self._make_scheduler(optimizer)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)

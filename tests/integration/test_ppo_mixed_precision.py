@@ -79,3 +79,24 @@ def test_a_bf16_run_says_and_records_its_precision(tiny_kit, tmp_path, caplog):
     manifest = json.loads((config.run_dir / "step-2" / "manifest.json").read_text())
     assert manifest["metrics"][MIXED_PRECISION_KEY] == "bf16"
     assert manifest["config"]["train"]["mixed_precision"] == "bf16"
+
+
+def test_bf16_keeps_the_output_layer_float32_and_checkpoints_unchanged(tiny_kit):
+    """The logits that log-probs come from are computed in float32 under bf16 autocast, for the policy and the
+    reference alike; the head keeps its weights, its tie to the embeddings and its state_dict keys."""
+    plain = make_trainer(tiny_kit, **{"train.mixed_precision": "no"})
+    trainer = make_trainer(tiny_kit, **{"train.mixed_precision": "bf16"})
+    base = trainer.policy.base
+    head = base.get_output_embeddings()
+    assert head.weight is base.get_input_embeddings().weight  # still tied
+    assert list(base.state_dict()) == list(plain.policy.base.state_dict())
+    seen: list[torch.dtype] = []
+    hooks = [m.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+             for m in (base, trainer.reference.model)]
+    try:
+        trainer.policy_forward(trainer.generate(PROMPTS[:4]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert plain.policy.base.get_output_embeddings().__class__ is torch.nn.Linear  # float32 runs are untouched
