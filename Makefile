@@ -55,6 +55,15 @@ bench-generator: tiny
 bench-ppo: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ppo.py
 
+# Does bf16 learn as float32 does? configs/tiny.yaml, 40 iterations, 3 seeds per precision.
+.PHONY: bench-ppo-learning bench-rehearsal
+bench-ppo-learning: tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/ppo.py --part learning
+
+# The IMDB preset at real size (random-init GPT-2 small and DistilBERT-base): seconds per phase, projected full run.
+bench-rehearsal: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/rehearsal.py
+
 # Native, trlX and trl 0.11.4 side by side (docs/trlx.md); needs the trlX environment (make trlx-env).
 .PHONY: bench-engines
 bench-engines: tiny
