@@ -46,6 +46,14 @@ class WorkerDiedError(Exception):
     """The worker died while this request's batch was being formed or computed; it restarts by itself."""
 
 
+async def gather_within(futures: Sequence[asyncio.Future], timeout: float | None) -> list:
+    """Every future's result, in order, or BatchTimeoutError once `timeout` seconds have passed."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    except TimeoutError:
+        raise BatchTimeoutError(f"request not served within {timeout:.3g} s") from None
+
+
 @dataclass
 class BatchStats:
     """What one processed batch looked like; handed to the `on_batch` observer."""
@@ -163,9 +171,7 @@ class Batcher(Generic[T, R]):
         self._recent_load.append(self.busy)
         self._arrived.set()
         try:
-            results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout)
-        except TimeoutError:
-            raise BatchTimeoutError(f"request not served within {timeout:.3g} s") from None
+            results = await gather_within([p.future for p in pending], timeout)
         finally:
             self._drop(pending)
         timings = [r[1] for r in results]

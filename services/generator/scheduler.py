@@ -63,10 +63,10 @@ from shared.batching import (
     RESTART_BACKOFF_S,
     BatcherClosedError,
     BatchStats,
-    BatchTimeoutError,
     QueueFullError,
     Timing,
     WorkerDiedError,
+    gather_within,
 )
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,7 @@ class Scheduler:
         jobs = self._jobs(items)
         self._enqueue(jobs, bounded=True)
         try:
-            answers = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), timeout)
-        except TimeoutError:
-            raise BatchTimeoutError(f"request not served within {timeout:.3g} s") from None
+            answers = await gather_within([j.future for j in jobs], timeout)
         finally:
             self._abandon(jobs)
         started = min(a[1][0] for a in answers)
