@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.reward.backends import RANK_TIE, TOLERANCES, Backend, Batch, Tolerance
+from services.reward.backends import TOLERANCES, Backend, Batch, Tolerance
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,12 @@ def synthetic_texts(vocabulary: list[str], shapes: tuple[tuple[int, int], ...] =
             for n, words in shapes]
 
 
-def rank_agreement(reference: torch.Tensor, other: torch.Tensor, tie: float = RANK_TIE) -> float:
-    """Fraction of pairs (among those the reference does not tie: apart by more than `tie`) that `other` orders the
-    same way: Kendall's concordance, 1.0 for the same ranking."""
-    gap = reference[:, None] - reference[None, :]
-    ref = torch.sign(gap)
+def rank_agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Fraction of the text pairs the reference orders (unequal probabilities) that `other` orders the same way:
+    Kendall's concordance, 1.0 for the same ranking."""
+    ref = torch.sign(reference[:, None] - reference[None, :])
     got = torch.sign(other[:, None] - other[None, :])
-    pairs = gap.abs() > tie
+    pairs = ref != 0
     return float(((ref == got) & pairs).sum() / pairs.sum()) if pairs.any() else 1.0
 
 

@@ -27,12 +27,14 @@ from tests.api.test_reward_api import make_settings
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
+NO_CACHE = shutil.ignore_patterns(".onnx-cache")  # a copy starts without the kit's exports (another run may have some)
 
 
 @pytest.fixture(scope="module")
 def sentiment(tiny_kit, tmp_path_factory) -> Path:
     """A copy of tiny-sentiment, so that its ONNX cache is this module's own."""
-    return Path(shutil.copytree(tiny_kit / "tiny-sentiment", tmp_path_factory.mktemp("models") / "tiny-sentiment"))
+    return Path(shutil.copytree(tiny_kit / "tiny-sentiment", tmp_path_factory.mktemp("models") / "tiny-sentiment",
+                                ignore=NO_CACHE))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_each_backend_is_within_its_tolerance_of_float32_torch(sentiment, heldou
 
 
 def test_onnx_graph_is_cached_reused_and_rebuilt_when_damaged(tiny_kit, tmp_path, heldout, monkeypatch):
-    model = Path(shutil.copytree(tiny_kit / "tiny-sentiment", tmp_path / "m"))
+    model = Path(shutil.copytree(tiny_kit / "tiny-sentiment", tmp_path / "m", ignore=NO_CACHE))
     exports = []
     real_export = onnx_cache.export
     monkeypatch.setattr(onnx_cache, "export", lambda *a, **kw: (exports.append(1), real_export(*a, **kw))[1])
@@ -125,7 +127,7 @@ def test_auto_picks_a_backend_within_tolerance_and_reports_it(sentiment, heldout
 @pytest.mark.parametrize("kind,extra", [("tiny-reward-gpt2", {}), ("tiny-reward-pair", {"input": "pair"})])
 def test_onnx_keeps_causal_lm_padding_and_token_type_ids(tiny_kit, tmp_path, heldout, kind, extra):
     """A GPT-2 classifier reads the last token before its pad id; a pair model takes token type ids."""
-    model = shutil.copytree(build_reward_models(tiny_kit)[kind], tmp_path / kind)
+    model = shutil.copytree(build_reward_models(tiny_kit)[kind], tmp_path / kind, ignore=NO_CACHE)
     texts = heldout[:40] + ["Fine.", "No."]  # very different lengths in one batch: lots of padding
     prompts = [t[: len(t) // 3] for t in texts]
     out = {}
@@ -181,3 +183,14 @@ def test_admin_api_refuses_bad_combinations_and_lists_the_backend(sentiment, ser
     assert (listed["sentiment"]["backend"], listed["sentiment"]["dtype"]) == ("torch", "float32")
     scored = httpx.post(f"{s.url}/v1/score", json={"texts": ["Superb.", "Awful."], "model": "q"}).json()["scores"]
     assert scored[0] > scored[1]
+
+
+def test_int8_scores_a_text_the_same_whatever_its_batch(sentiment, heldout):
+    """Dynamic int8 scales activations by the batch's largest value; each text runs alone, so its neighbours (and
+    their padding) cannot move its score."""
+    scorer = Scorer(ModelSpec(source=str(sentiment), backend="onnx", dtype="int8"))
+    texts = heldout[:40]
+    alone = torch.cat([probabilities(scorer, [t], batch=1) for t in texts])
+    together = probabilities(scorer, texts, batch=40)
+    shuffled = probabilities(scorer, texts[::-1] + ["An outlier " * 60], batch=41)[:40].flip(0)
+    assert torch.equal(alone, together) and torch.equal(alone, shuffled)
