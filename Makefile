@@ -7,12 +7,20 @@ export RLHF_TINY_DIR
 
 .PHONY: venv test lint tiny demo compose-smoke serve serve-generator train bench-reward bench-generator bench-ppo clean
 
+# torch: pinned and installed first. Without a GPU, the CPU build from PyTorch's CPU index when it answers (the default
+# index's Linux x86-64 torch is the CUDA build, several GB), else the default index. pip shows its progress.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+torch_index = $(shell if ! command -v nvidia-smi >/dev/null 2>&1 && $(PYTHON) -c "import sys, urllib.request; \
+	urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" '$(TORCH_CPU_INDEX)' >/dev/null 2>&1; \
+	then echo '--index-url $(TORCH_CPU_INDEX)'; fi)
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: an open range would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	@index='$(torch_index)'; echo "installing torch==$(TORCH_VERSION) from $${index:-the default index}"; \
+	$(BIN)/pip install --progress-bar on $$index torch==$(TORCH_VERSION)
+	$(BIN)/pip install --progress-bar on -e '.[test]'
 	# OpenRLHF's own remote-RM client for tests/api/test_reward_protocols.py: no deps (they pin deepspeed, vllm, ...);
 	# what openrlhf.utils.agent imports (aiohttp, pylatexenc) comes with the test extra.
 	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
@@ -106,7 +114,7 @@ trlx-env:
 	  echo "$$env is up to date (trlX from $$src)"; exit 0; fi; \
 	[ -x "$$env/bin/python" ] || $(PYTHON) -m venv "$$env"; \
 	"$$env/bin/pip" install --quiet --upgrade pip; \
-	"$$env/bin/pip" install --quiet torch==2.13.0; \
+	"$$env/bin/pip" install torch==$(TORCH_VERSION); \
 	DS_BUILD_OPS=0 "$$env/bin/pip" install --quiet --no-build-isolation -r $(TRLX_REQ); \
 	"$$env/bin/pip" install --quiet --no-deps $$editable "$$spec"; \
 	"$$env/bin/pip" install --quiet --no-deps -e .; \
@@ -136,7 +144,7 @@ trl-env:
 	  echo "$$env is up to date (trl $(TRL_VERSION), verl $(VERL_VERSION))"; exit 0; fi; \
 	[ -x "$$env/bin/python" ] || $(PYTHON) -m venv "$$env"; \
 	"$$env/bin/pip" install --quiet --upgrade pip; \
-	"$$env/bin/pip" install --quiet torch==2.13.0; \
+	"$$env/bin/pip" install torch==$(TORCH_VERSION); \
 	"$$env/bin/pip" install --quiet trl==$(TRL_VERSION) -e . $(VERL_REWARD_DEPS); \
 	"$$env/bin/pip" install --quiet --no-deps verl==$(VERL_VERSION); \
 	"$$env/bin/python" -c "import torch, trl, transformers, verl, verl.trainer.ppo.reward, shared.frameworks.trl; \

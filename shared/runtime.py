@@ -23,6 +23,14 @@ def configure_torch(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows: no affinity API
+        return max(1, os.cpu_count() or 1)
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else is passed through."""
     if device != "auto":

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from shared.runtime import available_cores
 from shared.settings import read_yaml
 
 # How long a stop (Ctrl-C or SIGTERM under `rlhf up`, a container stop) lets the trainer finish its iteration and
@@ -63,7 +64,8 @@ class TrainConfig(_Section):
     resume: bool = Field(True, description="Continue from the run's last checkpoint when there is one.")
     keep_checkpoints: int = Field(0, ge=0, description="Keep only the newest N (0 keeps all; `best` always kept).")
     eval_samples_per_prompt: int = Field(2, ge=1, description="Samples averaged per eval prompt (less noise).")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads.")
+    torch_threads: int = Field(default_factory=available_cores, ge=1, description="torch intra-op threads; default: "
+                               "the cores this process may use.")
     tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         "auto", description="Forward passes (rollouts, reference, updates) under bf16/fp16 autocast; weights, "
