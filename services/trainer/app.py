@@ -1,4 +1,5 @@
-"""The trainer's HTTP face: the job runs in a background thread; this reports on it and can stop it."""
+"""The trainer's HTTP face: the job runs in a background thread; this reports on it and can stop it, and serves
+the live page (services/trainer/page.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi import Depends, FastAPI
 from prometheus_client import Gauge
 
 from services.trainer.config import DEFAULT_STOP_GRACE_S, TrainerConfig
+from services.trainer.page import add_page_routes
 from services.trainer.run import train
 from services.trainer.tracking import TrainingStatus
 from shared.server import add_operational_routes, bearer_guard, create_service_app
@@ -63,6 +65,7 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
              "failed": "the job failed"}
     add_operational_routes(app, app.state.registry, lambda: ready.get(status.state))
     guard = [Depends(bearer_guard(lambda: api_key))]
+    add_page_routes(app, status, config, guard)
 
     @app.get("/v1/status", dependencies=guard)
     async def get_status() -> dict:
