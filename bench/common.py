@@ -134,14 +134,11 @@ def print_report(report: dict, started: float, out: Path | None) -> None:
 # -- the tiny kit and the models --------------------------------------------------------------------------------------
 
 def tiny_dir(arg: str | None, needed: tuple[str, ...]) -> Path:
-    """The tiny kit (built, about 2 minutes, if any of the `needed` paths inside it is missing)."""
-    root = Path(arg or os.environ.get("RLHF_TINY_DIR") or REPO / ".cache" / "tiny")
-    if not all((root / rel).exists() for rel in needed):
-        from shared.tiny.build import build_tiny
+    """The tiny kit: `arg`, else shared/tiny/kit.py's folder; built (about 2 minutes) when it is not complete or any
+    of the `needed` paths inside it is missing."""
+    from shared.tiny.kit import ensure_built
 
-        log(f"building the tiny kit in {root} (about 2 minutes)")
-        build_tiny(root)
-    return root
+    return ensure_built(Path(arg) if arg else None, echo=log, needed=needed).resolve()
 
 
 def heldout_texts(tiny: Path) -> list[str]:
@@ -218,22 +215,18 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    import httpx
+    """Until the service at `url` is ready (shared/readiness.py); RuntimeError with its log's tail when it exits,
+    says its model failed to load, or is not ready in `timeout` s."""
+    from shared.readiness import NotReady, wait_until_ready
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def alive() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"service exited with {proc.returncode}:\n{tail(log_path)}")
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
-        except httpx.HTTPError:  # not listening yet
-            r = None
-        if r is not None and r.status_code == 200:
-            return
-        if r is not None and "failed to load" in r.text:  # the service stays up without its model: stop waiting
-            raise RuntimeError(f"service could not load the model: {r.text}\n{tail(log_path)}")
-        time.sleep(0.25)
-    raise RuntimeError(f"service not ready after {timeout:.0f} s:\n{tail(log_path)}")
+
+    try:
+        wait_until_ready(url, timeout, alive=alive)
+    except NotReady as exc:
+        raise RuntimeError(f"{exc}\n{tail(log_path)}") from None
 
 
 def stop(proc: subprocess.Popen, timeout: float) -> None:

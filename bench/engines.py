@@ -71,7 +71,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import resource
 import shutil
 import statistics
@@ -99,8 +98,9 @@ def read_prompts(tiny: Path, seed: int, n_eval: int) -> tuple[list[str], list[st
     """(train prompts, eval prompts) as `rlhf train` makes them for train.seed = `seed` from the tiny corpus
     (services.trainer.run._prompts with data.source tiny, prompt_words [3, 5], data.eval_prompts `n_eval`)."""
     from services.trainer.data import load_texts, make_prompts
+    from shared.tiny import kit
 
-    os.environ["RLHF_TINY_DIR"] = str(tiny)  # where data.source `tiny` is read from
+    kit.use(tiny)  # where data.source `tiny` is read from
     train_texts, eval_texts = load_texts("tiny")
     return make_prompts(train_texts, (3, 5), seed), make_prompts(eval_texts, (3, 5), seed + 1, n_eval)
 
@@ -270,7 +270,9 @@ def run_worker(spec: dict, work: Path, timeout: float) -> dict:
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
-    env = {**common.child_env(spec["threads"]), "RLHF_TINY_DIR": spec["tiny_dir"]}
+    from shared.tiny.kit import ENV_VAR
+
+    env = {**common.child_env(spec["threads"]), ENV_VAR: spec["tiny_dir"]}  # the worker's kit_dir()
     with open(log_path, "wb") as err:
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), WORKER, str(spec_path)], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=err, timeout=timeout)

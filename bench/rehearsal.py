@@ -202,8 +202,9 @@ def resolved_precision() -> str | None:
 def load_preset(args, kit: dict[str, Path], run_root: Path):
     """The preset as the trainer loads it, with the model paths and the data source replaced (and `--set` last)."""
     from services.trainer.config import load_config
+    from shared.tiny.kit import use
 
-    os.environ["RLHF_TINY_DIR"] = str(kit["kit"])  # data source `tiny`: the trainer reads <kit>/corpus itself
+    use(kit["kit"])  # data source `tiny`: the trainer reads <kit>/corpus itself
     replaced = [f"model.model_path={kit['policy']}", f"tokenizer.tokenizer_path={kit['policy']}",
                 "data.source=tiny", f"train.checkpoint_dir={run_root}",
                 f"train.torch_threads={args.threads}"]

@@ -10,35 +10,29 @@ import contextvars
 import hmac
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.batching import BatcherClosedError, BatchTimeoutError, QueueFullError, WorkerDiedError
+from shared.errors import RETRY_SOON, STATUS_OF, ApiError, as_api_error
+from shared.readiness import LOAD_FAILED
 
 log = logging.getLogger(__name__)
 
 # The id of the request being served: set by RequestObserver, echoed as `x-request-id`, named in fault logs.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-RETRY_SOON = {"Retry-After": "1"}  # on 429 and 503: the condition is expected to pass within seconds
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-class ApiError(Exception):
-    """An error with its HTTP status and envelope type; raised by routes, rendered by the handlers below."""
-
-    def __init__(self, status: int, type: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.type, self.message, self.headers = status, type, message, headers
 
 
 def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -56,18 +50,16 @@ def server_fault(type: str, message: str) -> ApiError:
 
 @contextmanager
 def batcher_errors() -> Iterator[None]:
-    """Map what a Batcher raises to HTTP: full queue 429, timeout / closed / dead worker 503, anything else 500."""
+    """Map what a batched computation raises to HTTP: what shared.errors.STATUS_OF lists by that table (full queue
+    429, timeout / closed / dead worker 503), anything else 500."""
     try:
         yield
-    except QueueFullError as exc:
-        raise ApiError(429, "overloaded", str(exc), RETRY_SOON) from None
-    except BatchTimeoutError as exc:
-        raise ApiError(503, "timeout", str(exc), RETRY_SOON) from None
-    except (BatcherClosedError, WorkerDiedError) as exc:
-        raise ApiError(503, "unavailable", f"{exc}; retry", RETRY_SOON) from None
     except ApiError:
         raise
-    except Exception as exc:  # the model itself failed: a server fault, never the client's input
+    except Exception as exc:
+        if (known := as_api_error(exc)) is not None:
+            raise known from None
+        # the model itself failed: a server fault, never the client's input
         log.exception("request %s: inference failed", request_id.get())
         raise ApiError(500, "inference_error", f"inference failed: {type(exc).__name__}: {exc}") from None
 
@@ -97,6 +89,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.type, exc.message, exc.headers)
+
+    async def _listed(request: Request, exc: Exception) -> JSONResponse:  # raised outside batcher_errors
+        answer = as_api_error(exc)
+        if answer is None:  # registered for the table's classes only, so unreachable; never a silent 200
+            raise exc
+        return await _api_error(request, answer)
+
+    for listed in STATUS_OF:
+        app.add_exception_handler(listed, _listed)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -263,12 +264,16 @@ def create_service_app(*, title: str, namespace: str, max_body_bytes: int, lifes
 
 class BackgroundLoad:
     """Loads a service's models after start-up, so /healthz answers at once and /readyz says 503 (with the reason)
-    until they are in memory, or why they failed to load. A failure leaves the process up for the admin API."""
+    until they are in memory, or why they failed to load. A failure with `exit_on_failure` also ends the server
+    that `serve` (or a test's server thread) runs the app in; without it the process stays up for the admin API."""
 
-    def __init__(self, what: str, load: Callable[[], Awaitable[None]]):
+    def __init__(self, what: str, load: Callable[[], Awaitable[None]], *, exit_on_failure: bool = False):
         self.what, self._load = what, load
+        self.exit_on_failure = exit_on_failure
         self.not_ready: str | None = f"{what} loading"
         self.done = False  # the load has ended, well or not
+        self.failure: str | None = None  # why the load failed
+        self.stop_server: Callable[[], None] | None = None  # set by whoever runs the server
         self._task: asyncio.Task | None = None
 
     @property
@@ -276,13 +281,23 @@ class BackgroundLoad:
         """Why requests must wait (the load is still running), else None."""
         return None if self.done else self.not_ready
 
+    @property
+    def stops_server(self) -> bool:
+        """The load failed and the server is (being) stopped for it."""
+        return self.failure is not None and self.exit_on_failure and self.stop_server is not None
+
     async def _run(self) -> None:
         try:
             await self._load()
             self.not_ready = None
         except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
-            self.not_ready = f"{self.what} failed to load: {exc}"
-            log.error("%s", self.not_ready)
+            why = " ".join(str(exc).split()) or type(exc).__name__  # one line, for /readyz and a CLI's error line
+            self.failure = self.not_ready = f"{self.what} {LOAD_FAILED}: {why}"
+            log.error("%s", self.failure)
+            stop = self.stop_server
+            if self.stops_server and stop is not None:
+                log.error("stopping: the service cannot serve without it (exit_on_load_failure)")
+                stop()
         finally:
             self.done = True
 
@@ -299,3 +314,28 @@ class BackgroundLoad:
             await on_shutdown()
 
         return lifespan
+
+
+def stop_on_load_failure(app: FastAPI, server: uvicorn.Server) -> None:
+    """Let the app's BackgroundLoad (`app.state.loading`) end `server` when it fails and exit_on_failure is set."""
+    loading = getattr(app.state, "loading", None)
+    if isinstance(loading, BackgroundLoad):
+        loading.stop_server = lambda: setattr(server, "should_exit", True)
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str) -> None:
+    """Run `app` under uvicorn until it is stopped. When its startup load failed and ended the server, say why on
+    stderr (`error: ...`) and exit with code 1, so a supervisor sees the failure instead of a service stuck unready."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=10))
+    stop_on_load_failure(app, server)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    loading = getattr(app.state, "loading", None)
+    if isinstance(loading, BackgroundLoad) and loading.stops_server:
+        print(f"error: {loading.failure}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's code for a failed start-up (it has logged why)

@@ -1,12 +1,15 @@
-"""The settings base every service extends: one pydantic-settings class per service, validated at start."""
+"""The settings base every service extends (one pydantic-settings class per service, validated at start), and how
+a command line turns a YAML file, flags and the environment into settings, or into one `error: ...` line."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +25,8 @@ class ServiceSettings(BaseSettings):
     device: str = Field("auto", description="`auto` (cuda when visible), `cpu`, `cuda` or `cuda:N`.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     log_level: str = Field("info", description="Python logging level.")
+    exit_on_load_failure: bool = Field(
+        True, description="Exit (code 1) when a startup model fails to load; off: stay up, /readyz says why.")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -38,3 +43,49 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+T = TypeVar("T")
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _merged(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the flags that were given (not None) on top; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            nested = out.get(key)
+            value = _merged(nested if isinstance(nested, dict) else {}, value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def describe(exc: ValidationError | ValueError) -> str:
+    """One line: `field: problem; ...` for a ValidationError, else the error's own message."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        message = e.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def or_exit(what: str, load: Callable[[], T]) -> T:
+    """`load()`, or, when it finds the settings invalid, `error: invalid <what>: <why>` on stderr and exit code 2
+    (no traceback: the fix is in the user's input)."""
+    try:
+        return load()
+    except (ValidationError, ValueError) as exc:
+        print(f"error: invalid {what}: {describe(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def load_settings(cls: type[S], config: str | Path | None, flags: dict[str, Any], what: str) -> S:
+    """`cls` from (lowest first) the environment, the YAML file `config`, then the CLI `flags` (None: not given;
+    nested mappings merge into the file's); invalid -> `error: ...` and exit code 2."""
+    return or_exit(what, lambda: cls(**_merged(read_yaml(config) if config else {}, flags)))

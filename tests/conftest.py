@@ -10,33 +10,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import httpx  # noqa: E402
 import pytest  # noqa: E402
 import uvicorn  # noqa: E402
 
+from shared.readiness import wait_until_ready  # noqa: E402
 from shared.runtime import configure_torch  # noqa: E402
+from shared.server import stop_on_load_failure  # noqa: E402
+from shared.tiny.kit import ensure_built, kit_dir  # noqa: E402
 
 configure_torch(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_dir() -> Path:
-    return Path(os.environ.get("RLHF_TINY_DIR", ROOT / ".cache" / "tiny"))
-
-
 @pytest.fixture(scope="session")
 def tiny_kit() -> Path:
-    """The offline tiny kit, built once (about two minutes on 2 cores) and reused across runs."""
-    from shared.tiny.build import build_tiny
-
-    out = tiny_dir()
-    if not (out / "report.json").exists():
-        build_tiny(out, threads=2)
-        configure_torch(1)
+    """The offline tiny kit (shared/tiny/kit.py), built once (about two minutes on 2 cores) and reused across runs;
+    an absolute path, so that subprocesses may run elsewhere."""
+    out = ensure_built(kit_dir().resolve())
+    configure_torch(1)  # the build may have changed it
     return out
 
 
@@ -47,7 +41,8 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """A real uvicorn server on 127.0.0.1 in a background thread, with its own event loop."""
+    """A real uvicorn server on 127.0.0.1 in a background thread, with its own event loop. As under `serve`, a
+    startup model load that fails stops it, unless the app's settings say exit_on_load_failure=False."""
 
     def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
@@ -55,19 +50,18 @@ class ServerThread:
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on"))
+        stop_on_load_failure(app, self.server)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def _alive(self) -> None:
+        if not self.thread.is_alive():
+            why = getattr(getattr(self.app.state, "loading", None), "failure", None)
+            raise RuntimeError(f"server on {self.url} stopped before it was ready" + (f": {why}" if why else ""))
 
     def start(self, ready_path: str = "/readyz", timeout: float = 60) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server on {self.url} not ready after {timeout} s")
+        wait_until_ready(self.url, timeout, path=ready_path, alive=self._alive)
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from fastapi import FastAPI
 
 from services.generator.checkpoints import CheckpointStore
-from services.generator.engine import GenerationItem, generate_batch, generate_streaming
+from services.generator.engine import GenerationItem, generate_batch
 from services.generator.openai_compat import OpenAIError, openai_error_handler
 from services.generator.routes import GeneratorMetrics, Streams, build_router
 from services.generator.scheduler import Scheduler
@@ -25,7 +24,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         streams.close()
         await batcher.close()
 
-    loading = BackgroundLoad("the base model", lambda: store.load_base())
+    loading = BackgroundLoad("generator base model", lambda: store.load_base(),
+                             exit_on_failure=settings.exit_on_load_failure)
     lifespan = loading.lifespan(settings.torch_threads, shutdown)
     app = create_service_app(title="Generator service", namespace="generator",
                              max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
@@ -45,12 +45,10 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             generate_batch, cost=GenerationItem.cost, key=GenerationItem.batch_key, max_batch_size=b.max_batch_size,
             max_batch_tokens=b.max_batch_tokens, max_wait_ms=b.max_wait_ms, max_queue_size=b.max_queue_size,
             on_batch=metrics.observe_batch)
-
-        async def run_stream(item, on_token, should_stop) -> None:  # one at a time, on the streams' own thread
-            await asyncio.get_running_loop().run_in_executor(streams.executor, generate_streaming, item, on_token,
-                                                             should_stop)
+        run_stream = streams.generate  # one at a time, on the streams' own thread
 
     app.state.store, app.state.batcher, app.state.streams, app.state.settings = store, batcher, streams, settings
+    app.state.loading = loading
     app.state.before_scrape.append(lambda: metrics.loaded.set(store.resident))
     # Ready once the base model is in memory and while the batch worker lives (it restarts by itself).
     add_operational_routes(app, app.state.registry, lambda: loading.not_ready or batcher.worker_error)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
-from shared.settings import read_yaml
+from shared.settings import load_settings
 
 app = typer.Typer(help="The generator service: serves the base policy and every checkpoint the trainer writes.",
                   no_args_is_help=True)
@@ -28,28 +26,22 @@ def serve(
     torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
+    exit_on_load_failure: Annotated[Optional[bool], typer.Option(
+        "--exit-on-load-failure/--no-exit-on-load-failure",
+        help="Exit with code 1 when the base model fails to load (default); or stay up, unready.")] = None,
 ) -> None:
     """Serve POST /v1/generate, POST /v1/completions and GET /v1/models (OpenAI), GET /v1/checkpoints (see /docs)."""
-    import uvicorn
-
     from services.generator.app import create_app
     from services.generator.settings import GeneratorSettings
+    from shared.logs import setup_logging
+    from shared.server import serve as serve_app
 
-    try:
-        values = read_yaml(config) if config else {}
-        flags = {"model": model, "checkpoints": checkpoints, "host": host, "port": port,
-                 "torch_threads": torch_threads, "device": device, "log_level": log_level}
-        values.update({k: v for k, v in flags.items() if v is not None})
-        batching = {"max_batch_size": max_batch_size, "mode": batching_mode}
-        if any(v is not None for v in batching.values()):
-            values["batching"] = {**values.get("batching", {}), **{k: v for k, v in batching.items() if v is not None}}
-        settings = GeneratorSettings(**values)
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: invalid generator settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    flags = {"model": model, "checkpoints": checkpoints, "host": host, "port": port, "torch_threads": torch_threads,
+             "device": device, "log_level": log_level, "exit_on_load_failure": exit_on_load_failure,
+             "batching": {"max_batch_size": max_batch_size, "mode": batching_mode}}
+    settings = load_settings(GeneratorSettings, config, flags, "generator settings")
+    setup_logging(settings.log_level)
+    serve_app(create_app(settings), settings.host, settings.port, settings.log_level)
 
 
 def generate_command(

@@ -21,15 +21,20 @@ log = logging.getLogger(__name__)
 def create_app(settings: RewardSettings) -> FastAPI:
     async def load_startup_models() -> None:
         for spec in settings.models:
-            await registry.put(spec.name, ModelSpec(**spec.model_dump(exclude={"name"})))
+            try:
+                await registry.put(spec.name, ModelSpec(**spec.model_dump(exclude={"name"})))
+            except Exception as exc:
+                if len(settings.models) == 1:
+                    raise
+                raise RuntimeError(f"{spec.name!r}: {exc}") from exc  # which of them
 
-    loading = BackgroundLoad("the startup models", load_startup_models)
+    loading = BackgroundLoad("reward model", load_startup_models, exit_on_failure=settings.exit_on_load_failure)
     lifespan = loading.lifespan(settings.torch_threads, lambda: registry.close())
     app = create_service_app(title="Reward service", namespace="reward", max_body_bytes=settings.max_body_bytes,
                              lifespan=lifespan)
     registry = ModelRegistry(settings.batching, resolve_device(settings.device), RewardMetrics(app.state.registry),
                              settings.max_models)
-    app.state.models = registry
+    app.state.models, app.state.loading = registry, loading
     app.state.settings = settings
     app.state.before_scrape.append(registry.refresh_gauges)
 

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
-from shared.settings import read_yaml
+from shared.settings import load_settings
 
 app = typer.Typer(help="The reward service: batched sentiment (or any classifier) scoring over HTTP.",
                   no_args_is_help=True)
-
-
-def load_settings(config: Path | None, overrides: dict):
-    """Settings from (lowest first) environment, the YAML file, then CLI flags; exit 2 with the reason if invalid."""
-    from services.reward.settings import RewardSettings
-
-    try:
-        values = read_yaml(config) if config else {}
-        batching = overrides.pop("batching", {})
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        values["batching"] = {**values.get("batching", {}), **batching}
-        return RewardSettings(**values)
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: invalid reward service settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -48,22 +31,23 @@ def serve(
     torch_threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
+    exit_on_load_failure: Annotated[Optional[bool], typer.Option(
+        "--exit-on-load-failure/--no-exit-on-load-failure",
+        help="Exit with code 1 when a startup model fails to load (default); or stay up for the admin API.")] = None,
 ) -> None:
     """Serve reward models over HTTP (POST /v1/score, /v1/classify; GET /v1/models; docs at /docs)."""
-    import uvicorn
-
     from services.reward.app import create_app
+    from services.reward.settings import RewardSettings
+    from shared.logs import setup_logging
+    from shared.server import serve as serve_app
 
-    batching = {k: v for k, v in {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}.items()
-                if v is not None}
-    settings = load_settings(config, {"model": model, "label": label, "name": name, "score": score, "backend": backend,
-                                      "dtype": dtype, "host": host,
-                                      "port": port, "torch_threads": torch_threads, "device": device,
-                                      "log_level": log_level,
-                                      "batching": batching})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    flags = {"model": model, "label": label, "name": name, "score": score, "backend": backend, "dtype": dtype,
+             "host": host, "port": port, "torch_threads": torch_threads, "device": device, "log_level": log_level,
+             "exit_on_load_failure": exit_on_load_failure,
+             "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}}
+    settings = load_settings(RewardSettings, config, flags, "reward service settings")
+    setup_logging(settings.log_level)
+    serve_app(create_app(settings), settings.host, settings.port, settings.log_level)
 
 
 def score_command(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
 
 from shared.tiny.corpus import read_jsonl
+from shared.tiny.kit import kit_dir
 
 _SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HTML = re.compile(r"<[^>]+>")
@@ -17,8 +17,7 @@ class DataError(ValueError):
     pass
 
 
-def tiny_kit_dir() -> Path:
-    return Path(os.environ.get("RLHF_TINY_DIR", ".cache/tiny"))
+tiny_kit_dir = kit_dir  # where data source `tiny` reads its corpus: $RLHF_TINY_DIR, else .cache/tiny
 
 
 Rows = list[dict]
@@ -43,10 +42,10 @@ def load_splits(source: str, split: str = "train", eval_split: str = "test") -> 
     """(train rows, held-out rows) from `imdb`, `hf:<dataset id>`, `tiny`, a data file, or a folder of them; a
     row maps column names to values."""
     if source == "tiny":
-        corpus = tiny_kit_dir() / "corpus"
+        corpus = kit_dir() / "corpus"
         if not corpus.is_dir():
             raise DataError(f"the tiny corpus is missing at {corpus}: run `rlhf models build-tiny --out "
-                            f"{tiny_kit_dir()}` (or set RLHF_TINY_DIR)")
+                            f"{kit_dir()}` (or set RLHF_TINY_DIR)")
         return ([vars(r) for r in read_jsonl(corpus / "train.jsonl")],
                 [vars(r) for r in read_jsonl(corpus / "heldout.jsonl")])
     if source == "imdb" or source.startswith("hf:"):

@@ -149,7 +149,8 @@ def test_a_failing_forward_pass_fails_its_request_only(tiny_kit, serve):
 
 
 def test_unready_until_models_load_then_ready(tiny_kit, serve):
-    app = create_app(make_settings(tiny_kit, models=[{"name": "bad", "source": "/no/such/model"}]))
+    app = create_app(make_settings(tiny_kit, models=[{"name": "bad", "source": "/no/such/model"}],
+                                   exit_on_load_failure=False))  # stays up (for the admin API), unready
     s = serve(app, ready_path="/healthz")
     r = httpx.get(s.url + "/readyz")
     assert r.status_code == 503 and "/no/such/model" in r.json()["error"]["message"]
