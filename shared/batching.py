@@ -240,13 +240,14 @@ class Batcher(Generic[T, R]):
         models) stays referenced while the worker waits for the next one."""
         self._batch, self._in_flight = batch, len(batch)
         started = time.perf_counter()
+        results: Sequence[R] = ()
+        error: Exception | None = None
         try:
             results = await loop.run_in_executor(self._executor, self._process, [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} items produced {len(results)} results")
-            error = None
         except Exception as exc:  # noqa: BLE001 - every waiting request must hear about the failure
-            results, error = None, exc
+            results, error = (), exc
         finished = time.perf_counter()
         self._in_flight, self._batch = 0, []
         for i, p in enumerate(batch):

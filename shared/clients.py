@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from shared.replicas import Replica, ReplicaSet, resolve_addresses, split_urls
+from shared.scores import one_finite_score_each
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def _error_from(response: httpx.Response) -> ServiceError:
 class _ClosesOnExit:
     """`with Client(...) as c:` closes the client's connections on the way out."""
 
+    http: Any  # the HTTP client underneath, set by the subclass
+
     def close(self) -> None:
         self.http.close()
 
@@ -92,6 +95,8 @@ class _ClosesOnExit:
 
 
 class _AsyncClosesOnExit:
+    http: Any  # the HTTP client underneath, set by the subclass
+
     async def aclose(self) -> None:
         await self.http.aclose()
 
@@ -246,9 +251,10 @@ class ReplicatedHttpJsonClient(_Retrying, _ClosesOnExit):
         call = _Call(self)
         while True:
             r = self.replicas.pick()
-            timeout: float | httpx.Timeout = call.timeout()
+            left = call.timeout()
+            timeout: float | httpx.Timeout = left
             if len(self.replicas) > 1:  # a replica that is gone (its address unanswered) must not hold a chunk long
-                timeout = httpx.Timeout(timeout, connect=min(timeout, self.connect_timeout))
+                timeout = httpx.Timeout(left, connect=min(left, self.connect_timeout))
             try:
                 response = self._http.request(method, r.url + path, json=json, headers=r.headers,
                                               extensions=r.extensions, timeout=timeout)
@@ -290,15 +296,10 @@ def _chunks(texts: Sequence[str], size: int) -> list[list[str]]:
 
 
 def _checked_scores(body: Any, expected: int) -> list[float]:
-    """The contract: exactly one finite float per text. Anything else would corrupt a PPO update."""
+    """The answer's `scores`, held to the scores contract (one finite number per text)."""
     scores = body.get("scores") if isinstance(body, dict) else None
-    if not isinstance(scores, list) or len(scores) != expected:
-        got = len(scores) if isinstance(scores, list) else "no"
-        raise ServiceError(f"reward service returned {got} scores for {expected} texts")
-    bad = [i for i, s in enumerate(scores) if not isinstance(s, (int, float)) or not math.isfinite(s)]
-    if bad:
-        raise ServiceError(f"reward service returned non-finite scores at positions {bad[:10]}")
-    return [float(s) for s in scores]
+    return one_finite_score_each(scores if isinstance(scores, list) else None, expected, "reward service",
+                                 ServiceError)
 
 
 def _payload(texts: list[str], model: str | None, label: str | None = None) -> dict:
@@ -359,7 +360,8 @@ class RewardClient(_ClosesOnExit):
         if min(limit, len(chunks)) <= 1:
             return [check(self.http.request("POST", path, payload(c)), c) for c in chunks]
         cancel = threading.Event()  # one chunk failed for good: the others stop at their next wait
-        pool, results, pending = self._executor(), [[]] * len(chunks), {}
+        pool, pending = self._executor(), {}
+        results: list[list] = [[]] * len(chunks)
         queue = iter(enumerate(chunks))
 
         def one(chunk: list[str]) -> list:

@@ -38,8 +38,9 @@ def resolve_addresses(host: str, port: int) -> list[str]:
     the IPv6 ones: a dual-stack replica has one of each and must count once."""
     found: dict[int, set[str]] = {socket.AF_INET: set(), socket.AF_INET6: set()}
     for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        if family in found and "%" not in sockaddr[0]:  # a link-local address with a scope id is no URL host
-            found[family].add(sockaddr[0])
+        address = str(sockaddr[0])  # an IP address: AF_INET and AF_INET6 are the families asked for
+        if family in found and "%" not in address:  # a link-local address with a scope id is no URL host
+            found[family].add(address)
     return sorted(found[socket.AF_INET] or found[socket.AF_INET6], key=ipaddress.ip_address)
 
 
@@ -197,15 +198,16 @@ class ReplicaSet:
             self._maybe_refresh(now, all_down=not up)
             if len(replicas) > 1 and self.probe is not None:
                 for r in replicas:
-                    if not r.up and not r.probing and now >= r.down_until:
+                    if r.down_until is not None and not r.probing and now >= r.down_until:
                         r.probing = True
-                        threading.Thread(target=self._probe, args=(r,), name="replica-probe", daemon=True).start()
+                        threading.Thread(target=self._probe, args=(r, self.probe), name="replica-probe",
+                                         daemon=True).start()
             if up:
                 self._turn += 1
                 n = len(up)
                 r = min((up[(self._turn + i) % n] for i in range(n)), key=lambda r: r.in_flight)
             else:
-                r = min(replicas, key=lambda r: r.down_until)
+                r = min(replicas, key=lambda r: r.down_until or 0.0)  # all down: none is None
             r.in_flight += 1
             return r
 
@@ -231,7 +233,7 @@ class ReplicaSet:
             r.in_flight -= 1
             r.failed += 1
             was_up = r.up
-            if was_up or now >= r.down_until:  # not for each request that was already in flight when it went down
+            if r.down_until is None or now >= r.down_until:  # not for each request already in flight when it went down
                 r.failures += 1
             period = self._down_for(r, retry_after)
             r.down_until = max(r.down_until or 0.0, now + period)
@@ -239,9 +241,9 @@ class ReplicaSet:
             if was_up and len(self._replicas) > 1:
                 log.warning("%s replica %s marked down for %.1f s: %s", self.name, r.name, period, why)
 
-    def _probe(self, r: Replica) -> None:
+    def _probe(self, r: Replica, probe: Callable[[Replica], bool]) -> None:
         try:
-            ok = bool(self.probe(r))
+            ok = bool(probe(r))
         except Exception:  # noqa: BLE001 - an unreachable replica stays down
             ok = False
         with self._lock:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.checkpoints import CheckpointInfo, CheckpointNameError, checkpoint_path, read_checkpoint, scan_checkpoints
-from shared.modeling import ModelLoadError, load_pretrained
+from shared.errors import OverloadedError, UnavailableError
+from shared.modeling import ModelLoadError, load_causal_lm
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -37,11 +37,11 @@ class CheckpointInvalidError(RuntimeError):
     pass
 
 
-class NotReadyError(RuntimeError):
-    pass
+class NotReadyError(UnavailableError):
+    """The base model is still loading."""
 
 
-class LoadCapacityError(RuntimeError):
+class LoadCapacityError(OverloadedError):
     """Loading another checkpoint now would pass the memory bound; retry once loads or requests finish."""
 
 
@@ -63,14 +63,10 @@ class LoadedPolicy:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
 
-def load_policy(name: str, source: str, device: str, step: int | None = None, revision: str | None = None):
-    tokenizer = load_pretrained(AutoTokenizer, source, revision=revision)
-    model = load_pretrained(AutoModelForCausalLM, source, revision=revision)
-    model.to(device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    return LoadedPolicy(name, model, tokenizer, step)
+def load_policy(name: str, source: str, device: str, step: int | None = None,
+                revision: str | None = None) -> LoadedPolicy:
+    model, tokenizer = load_causal_lm(source, revision=revision)
+    return LoadedPolicy(name, model.to(device), tokenizer, step)
 
 
 class ScanCache:

@@ -1,6 +1,7 @@
 """Generation pieces: sampling parameters, tokenization, logit adjustments, logprobs, cutting a completion at EOS or a
 stop string (`_finish`); and static batching (`batching.mode: static`): one `model.generate` call per batch of
-compatible requests, and token streaming. Continuous batching (scheduler.py) uses the same pieces.
+compatible requests, and one sequence's tokens as a generate call makes them (streaming.py turns tokens into text).
+Continuous batching (scheduler.py) uses the same pieces.
 
 In static batching requests share a batch only when everything that shapes sampling is equal (checkpoint,
 parameters, stop strings). A seeded request never shares its batch with another request, and the seed is set right
@@ -91,6 +92,9 @@ class TokenLogprob:
     token: int
     logprob: float | None  # None: the prompt's first token, which nothing before it conditions
     top: tuple[tuple[int, float], ...]  # the most likely tokens at this position, most likely first
+
+
+OnToken = Callable[[int, TokenLogprob | None], None]  # a streamed token, from the thread that made it
 
 
 @dataclass
@@ -369,7 +373,7 @@ class _CallbackStreamer(BaseStreamer):
     """Hands each new token id (and its logprobs, when recorded) to `on_token` (from the generate thread); skips the
     prompt echo."""
 
-    def __init__(self, on_token: Callable[[int, TokenLogprob | None], None], capture: _CaptureLogprobs | None):
+    def __init__(self, on_token: OnToken, capture: _CaptureLogprobs | None):
         self.on_token, self.capture, self.prompt_seen, self.count = on_token, capture, False, 0
 
     def put(self, value: torch.Tensor) -> None:
@@ -398,8 +402,7 @@ class _WhenAsked(StoppingCriteria):
 
 
 @torch.inference_mode()
-def generate_streaming(item: GenerationItem, on_token: Callable[[int, TokenLogprob | None], None],
-                       should_stop: Callable[[], bool]) -> None:
+def generate_streaming(item: GenerationItem, on_token: OnToken, should_stop: Callable[[], bool]) -> None:
     """One sequence, token by token (HF streamers take a batch of one); ends early once `should_stop()`."""
     policy, params = item.policy, item.params
     if params.max_new_tokens == 0:

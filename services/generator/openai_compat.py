@@ -14,8 +14,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from services.generator.engine import SamplingParams, TokenLogprob, sampling_params
+from shared.errors import ApiError
 from shared.schemas import CompletionRequest
-from shared.server import ApiError, request_id
+from shared.server import request_id
 
 SUPPORTED = tuple(CompletionRequest.model_fields)
 

@@ -48,6 +48,7 @@ from services.generator.engine import (
     Completion,
     GenerationItem,
     NonFiniteOutputError,
+    OnToken,
     TokenLogprob,
     _finish,
     _padded,
@@ -70,7 +71,6 @@ from shared.batching import (
 )
 
 log = logging.getLogger(__name__)
-OnToken = Callable[[int, TokenLogprob | None], None]
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -213,7 +213,8 @@ class Scheduler:
 
     async def stream(self, item: GenerationItem, on_token: OnToken, should_stop: Callable[[], bool]) -> None:
         """One sequence (num_return_sequences 1), each token handed to `on_token` from the scheduler thread as it is
-        made; returns when it ends or once `should_stop()`. Streams have their own admission bound (routes.Streams)."""
+        made; returns when it ends or once `should_stop()`. Streams have their own admission bound
+        (streaming.Streams)."""
         jobs = self._jobs([item], on_token=on_token, should_stop=should_stop)
         self._enqueue(jobs, bounded=False)
         try:

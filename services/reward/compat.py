@@ -21,11 +21,13 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.reward.registry import ModelHandle
 from services.reward.routes import _ERRORS, LabelScore, ScoringPath, _finite, ranked
 from services.reward.scorer import Scorer
 from services.reward.settings import RewardSettings
+from shared.errors import ApiError
 from shared.schemas import ScoreRequest, Text
-from shared.server import ApiError, bearer_guard
+from shared.server import bearer_guard
 
 MODEL_QUERY = Query(None, max_length=64, description="Name of the served model to use; the default model when "
                     "omitted.")
@@ -151,6 +153,34 @@ def _scores(scorer: Scorer, logits: list[list[float]], function: str | None) -> 
     return (x.softmax(-1) if function == "softmax" else x.sigmoid()).tolist()
 
 
+def _check_inputs(sequences: list[list[str]], batch: bool, served: ModelHandle) -> int:
+    """No empty text, and pairs only for a model that scores pairs (and only pairs for it); how many are pairs."""
+    for i, sequence in enumerate(sequences):
+        for j, text in enumerate(sequence):
+            if not text:
+                where = f"inputs[{i}][{j}]" if batch else "inputs" if len(sequence) == 1 else f"inputs[{j}]"
+                raise ApiError(400, "invalid_request", f"{where} is empty")
+    pairs = sum(len(s) == 2 for s in sequences)
+    if pairs and served.scorer.input_kind == "text":
+        raise ApiError(422, "invalid_request", f"model {served.name!r} takes one text per input (input: text), "
+                       "not [text, text_pair]; a model loaded with input: pair scores text pairs")
+    if pairs < len(sequences) and served.scorer.input_kind != "text":
+        raise ApiError(422, "invalid_request", f"model {served.name!r} scores text pairs (input: "
+                       f"{served.scorer.input_kind}): send every input as [text, text_pair]")
+    return pairs
+
+
+def _score_function(req: PredictRequest, params: PredictParameters) -> str | None:
+    """`function_to_apply`, with `raw_scores` read as `none` (the two must not contradict each other)."""
+    function = params.function_to_apply
+    if req.raw_scores:
+        if function not in (None, "none"):
+            raise ApiError(422, "invalid_request", f"raw_scores and function_to_apply={function!r} contradict "
+                           "each other: send one of them")
+        function = "none"
+    return function
+
+
 def build_compat_router(settings: RewardSettings, scoring: ScoringPath) -> APIRouter:
     router = APIRouter(responses=_ERRORS, dependencies=[Depends(key_guard(lambda: settings.api_key))])
 
@@ -178,26 +208,9 @@ def build_compat_router(settings: RewardSettings, scoring: ScoringPath) -> APIRo
         Inference API's `parameters` (huggingface_hub.InferenceClient): top_k, function_to_apply, and always a
         list per input."""
         sequences, batch = _sequences(req.inputs)
-        for i, sequence in enumerate(sequences):
-            for j, text in enumerate(sequence):
-                if not text:
-                    where = f"inputs[{i}][{j}]" if batch else "inputs" if len(sequence) == 1 else f"inputs[{j}]"
-                    raise ApiError(400, "invalid_request", f"{where} is empty")
-        pairs = sum(len(s) == 2 for s in sequences)
-        served = scoring.lookup(model)
-        if pairs and served.scorer.input_kind == "text":
-            raise ApiError(422, "invalid_request", f"model {served.name!r} takes one text per input (input: text), "
-                           "not [text, text_pair]; a model loaded with input: pair scores text pairs")
-        if pairs < len(sequences) and served.scorer.input_kind != "text":
-            raise ApiError(422, "invalid_request", f"model {served.name!r} scores text pairs (input: "
-                           f"{served.scorer.input_kind}): send every input as [text, text_pair]")
+        pairs = _check_inputs(sequences, batch, scoring.lookup(model))
         params = req.parameters or PredictParameters()
-        function = params.function_to_apply
-        if req.raw_scores:
-            if function not in (None, "none"):
-                raise ApiError(422, "invalid_request", f"raw_scores and function_to_apply={function!r} contradict "
-                               "each other: send one of them")
-            function = "none"
+        function = _score_function(req, params)
         texts = ["".join(s) for s in sequences]
         prompts = [s[0] for s in sequences] if pairs else None
         handle, logits = await scoring.run(score_request("inputs", texts, prompts, model=model, truncate=req.truncate),

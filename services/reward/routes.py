@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Response
+from fastapi import APIRouter, Body, Depends, Path, Response, params
 from pydantic import BaseModel, Field
 
 from services.reward.registry import DefaultModelError, ModelCapError, ModelHandle, ModelRegistry, UnknownModelError
@@ -16,9 +15,11 @@ from services.reward.scorer import PromptsRequiredError, TextTooLongError, resol
 from services.reward.settings import RewardSettings
 from services.reward.sources import SourcePolicy, SourceRefusedError
 from shared.batching import BatcherClosedError, Timing
+from shared.errors import ApiError, UnavailableError
 from shared.modeling import ModelLoadError
 from shared.schemas import ClassifyResponse, ErrorResponse, ModelInfo, ModelList, ModelSpec, ScoreRequest, ScoreResponse
-from shared.server import ApiError, batcher_errors, bearer_guard, server_fault
+from shared.scores import non_finite_positions
+from shared.server import batcher_errors, bearer_guard, server_fault
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ def _admin_enabled(settings: RewardSettings) -> Callable[[], None]:
 
 def _finite(values: list[float], model: str) -> None:
     """A NaN or inf from the model is a server fault: never hand it to a client as a score (JSON would say null)."""
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
+    if bad := non_finite_positions(values):
         raise server_fault("non_finite_output", f"model {model!r} produced non-finite output for texts {bad[:10]}; "
                            "its weights or dtype are broken")
 
@@ -90,9 +90,8 @@ class ScoringPath:
         try:
             return self.registry.get(name)
         except UnknownModelError as exc:
-            if (why := self.loading()) or not len(self.registry):
-                raise ApiError(503, "unavailable", f"{why or 'no model is loaded'}; retry",
-                               {"Retry-After": "2"}) from None
+            if (why := self.loading()) or not len(self.registry):  # a model load takes seconds: retry in 2
+                raise UnavailableError(f"{why or 'no model is loaded'}; retry", retry_after=2) from None
             raise ApiError(404, "model_not_found", exc.message) from None
 
     def validate(self, req: ScoreRequest, field: str = "texts") -> None:
@@ -142,11 +141,18 @@ class ScoringPath:
 
 def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Callable[[], str | None]) -> APIRouter:
     """`loading()` says which startup models are still loading, None once the load has ended."""
-    user = Depends(bearer_guard(lambda: settings.api_key))
-    admin = [Depends(_admin_enabled(settings)), Depends(bearer_guard(lambda: settings.admin_api_key))]
     router = APIRouter(prefix="/v1", responses=_ERRORS)
-    sources = SourcePolicy(settings.model_dirs, [m.source for m in settings.models], settings.allow_hub_models)
-    scoring = ScoringPath(settings, registry, loading)
+    _add_scoring_routes(router, ScoringPath(settings, registry, loading))
+    _add_model_routes(router, settings, registry)
+    return router
+
+
+def _user(settings: RewardSettings) -> params.Depends:
+    return Depends(bearer_guard(lambda: settings.api_key))
+
+
+def _add_scoring_routes(router: APIRouter, scoring: ScoringPath) -> None:
+    user = _user(scoring.settings)
 
     @router.post("/score", response_model=ScoreResponse, dependencies=[user])
     async def score(req: ScoreRequest, response: Response) -> ScoreResponse:
@@ -175,6 +181,13 @@ def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Cal
             return [ranked(names, row, req.top_k) for row in probs]
         return ClassifyResponse(model=handle.name, labels=names,
                                 probabilities=[dict(zip(names, row)) for row in probs])
+
+
+def _add_model_routes(router: APIRouter, settings: RewardSettings, registry: ModelRegistry) -> None:
+    """The model list (users) and model control (admins)."""
+    user = _user(settings)
+    admin = [Depends(_admin_enabled(settings)), Depends(bearer_guard(lambda: settings.admin_api_key))]
+    sources = SourcePolicy(settings.model_dirs, [m.source for m in settings.models], settings.allow_hub_models)
 
     @router.get("/models", response_model=ModelList, dependencies=[user])
     async def models() -> ModelList:
@@ -206,8 +219,6 @@ def build_router(settings: RewardSettings, registry: ModelRegistry, loading: Cal
         except DefaultModelError as exc:
             raise ApiError(409, "conflict", str(exc)) from None
         return Response(status_code=204)
-
-    return router
 
 
 def _timing_headers(response: Response, model: str, tokenized: float, timing: Timing) -> None:

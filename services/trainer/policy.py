@@ -8,10 +8,10 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from services.trainer.ppo import logprobs_and_entropy, logprobs_of_labels
-from shared.modeling import load_pretrained
+from shared.modeling import load_causal_lm_model, load_causal_lm_tokenizer
 
 
 class PolicyWithValueHead(nn.Module):
@@ -64,18 +64,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def load_policy_and_tokenizer(path: str, revision: str | None = None, tokenizer_path: str | None = None):
-    tokenizer = load_pretrained(AutoTokenizer, tokenizer_path or path, revision=revision)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    """`load_policy`'s model and its tokenizer (from `tokenizer_path` when given), set up for left-padded rollouts."""
+    tokenizer = load_causal_lm_tokenizer(tokenizer_path or path, revision=revision)  # first: it fails fast
     return load_policy(path, revision), tokenizer
 
 
 def load_policy(path: str, revision: str | None = None) -> PreTrainedModel:
     """The model to train, in float32 whatever dtype it was saved in: these are the master weights AdamW updates
-    (in fp16 its eps underflows to 0 and untouched rows turn NaN), and checkpoints keep full precision."""
-    model = load_pretrained(AutoModelForCausalLM, path, revision=revision, dtype=torch.float32)
-    return model.eval()  # dropout off for good: sampling, scoring and updates all see the same policy
+    (in fp16 its eps underflows to 0 and untouched rows turn NaN), and checkpoints keep full precision. Eval mode
+    for good: sampling, scoring and updates all see the same policy."""
+    return load_causal_lm_model(path, revision=revision, dtype=torch.float32)
 
 
 # -- which layers train, and the reference they are measured against ---------------------------------------------------
