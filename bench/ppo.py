@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -208,7 +207,7 @@ class Trl:
         torch.manual_seed(config.train.seed)
         model = AutoModelForCausalLMWithValueHead.from_pretrained(str(model_dir))
         ref = AutoModelForCausalLMWithValueHead.from_pretrained(str(model_dir))  # same weights as ours' reference
-        m, opt = config.method, config.optimizer.kwargs
+        m, opt = config.method, config.optimizer.torch_kwargs()
         ppo_config = PPOConfig(
             batch_size=m.num_rollouts, mini_batch_size=config.train.batch_size, gradient_accumulation_steps=1,
             ppo_epochs=m.ppo_epochs, learning_rate=opt["lr"], adap_kl_ctrl=m.target is not None,
@@ -342,7 +341,7 @@ def settings_record(config, s: Settings) -> dict:
     m = config.method
     return {"rollouts": s.rollouts, "minibatch": s.minibatch, "ppo_epochs": s.epochs,
             "generate_batch": m.chunk_size, "max_new_tokens": s.max_new_tokens, "iterations": s.iterations,
-            "warmup_iterations": WARMUP_ITERATIONS, "learning_rate": config.optimizer.kwargs["lr"],
+            "warmup_iterations": WARMUP_ITERATIONS, "learning_rate": config.optimizer.kwargs.lr,
             "init_kl_coef": m.init_kl_coef, "adaptive_kl": m.target is not None, "kl_target": m.target,
             "kl_horizon": m.horizon, "vf_coef": m.vf_coef, "cliprange": m.cliprange,
             "cliprange_value": m.cliprange_value, "max_grad_norm": m.max_grad_norm,
@@ -442,7 +441,9 @@ def bench_learning(tiny: Path, reward: SentimentReward, precisions: list[str], s
     (`late_eval_reward`) is reported beside it."""
     import tempfile
 
-    os.environ["RLHF_TINY_DIR"] = str(tiny)  # the preset's data section reads the tiny corpus from there
+    from shared.tiny import kit
+
+    kit.use(tiny)  # the preset's data section reads the tiny corpus from there
     runs: dict[str, dict[int, dict]] = {p: {} for p in precisions}
     with tempfile.TemporaryDirectory(prefix="bench-ppo-learning-") as work:
         for seed in seeds:  # seed by seed, all precisions: machine-load changes hit every precision alike

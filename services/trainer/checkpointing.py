@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +69,12 @@ def _read_best(run_dir: Path) -> dict | None:
         return None
 
 
+def best_checkpoint(run_dir: Path) -> str | None:
+    """The name (`<run>/step-<N>`) best.json points at, or None."""
+    best = _read_best(run_dir)
+    return best["checkpoint"] if best else None
+
+
 def update_best(run_dir: Path, checkpoint: Path, metric: str, value: float | None) -> str | None:
     """Point `best.json` at `checkpoint` if its `metric` beats the current best; returns the best's name."""
     current = _read_best(run_dir)
@@ -92,3 +99,21 @@ def prune(run_dir: Path, keep: int) -> None:
                 remove_checkpoint(c.path)
             except OSError as exc:  # retention is housekeeping: it must never stop a run
                 log.warning("could not remove old checkpoint %s: %s", c.name, exc)
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move a run folder that has anything in it to `<run>.replaced-<UTC time>` beside it, so that a run started
+    over never mixes with, nor destroys, the old one's checkpoints, metrics and best pointer. The new name is a run
+    name too: the generator still serves the old checkpoints under it. Returns the new path (None: nothing there)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    for n in range(2, 1000):  # two restarts within a second
+        if not target.exists():
+            break
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+    run_dir.rename(target)
+    log.warning("train.resume is off: the previous contents of %s were moved to %s; this run starts from step 0",
+                run_dir, target)
+    return target

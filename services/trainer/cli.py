@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
 from services.trainer.config import DEFAULT_STOP_GRACE_S
+from shared.logs import setup_logging
+from shared.settings import or_exit
+from shared.tiny.kit import ensure_built, kit_dir
 
 app = typer.Typer(help="The PPO trainer.", no_args_is_help=True)
 
@@ -18,42 +19,55 @@ ConfigOption = Annotated[Path, typer.Option("--config", help="Trainer YAML (see 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override: section.key=value (repeatable).")]
 GeneratorKey = Annotated[Optional[str], typer.Option(envvar="GENERATOR_API_KEY", help="The generator's API key.")]
 RewardKey = Annotated[Optional[str], typer.Option(envvar="REWARD_API_KEY", help="The reward service's API key.")]
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Start the run over from step 0 (train.resume=false); the "
+                                           "old run folder is kept, moved aside to <run>.replaced-<UTC time>.")]
+RunNameOption = Annotated[Optional[str], typer.Option("--run-name", help="The run's folder under the checkpoint root "
+                                                      "(train.run_name); another name starts another run.")]
+
+
+def run_overrides(overrides: list[str] | None, fresh: bool = False, run_name: str | None = None) -> list[str]:
+    """`--set` overrides plus what --fresh and --run-name mean, validated with the rest of the config."""
+    return [*(overrides or []), *(["train.resume=false"] if fresh else []),
+            *([f"train.run_name={run_name}"] if run_name else [])]
 
 
 def _load(config: Path, overrides: list[str] | None):
+    """The trainer config, or `error: invalid trainer config ...` and exit code 2."""
     from services.trainer.config import load_config
 
-    try:
-        return load_config(config, overrides or [])
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: invalid trainer config {config}:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+    return or_exit(f"trainer config {config}", lambda: load_config(config, overrides or []))
 
 
 def _ensure_tiny_kit(cfg) -> None:
-    """The tiny preset builds its kit when missing (RLHF_TINY_DIR, default .cache/tiny)."""
-    from services.trainer.data import tiny_kit_dir
-
-    kit = tiny_kit_dir()
-    if cfg.data.source == "tiny" and str(cfg.model.model_path).startswith(str(kit)) and \
-            not (kit / "report.json").exists():
-        from shared.tiny.build import build_tiny
-
-        typer.echo(f"building the tiny kit in {kit} (about 2 minutes)...", err=True)
-        build_tiny(kit)
+    """The tiny preset builds its kit when missing (shared/tiny/kit.py: RLHF_TINY_DIR, default .cache/tiny)."""
+    kit = kit_dir()
+    if cfg.data.source == "tiny" and str(cfg.model.model_path).startswith(str(kit)):
+        ensure_built(kit, echo=lambda line: typer.echo(line, err=True))
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per reward request drowns the progress bar
+def _check_run(cfg) -> None:
+    """Say at once, before any model loads, that the run already finished (exit 0) or cannot resume (exit 2)."""
+    from services.trainer.preflight import RunFinished, RunRefused, check_run
+
+    try:
+        check_run(cfg)
+    except RunFinished as done:
+        typer.echo(str(done))
+        raise typer.Exit(0) from None
+    except RunRefused as refused:
+        typer.echo(f"error: {refused}", err=True)
+        raise typer.Exit(2) from None
 
 
-def train_command(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Run a PPO job in the foreground with a progress bar; resumes from the run's last checkpoint."""
+def train_command(config: ConfigOption, overrides: SetOption = None, fresh: FreshOption = False,
+                  run_name: RunNameOption = None) -> None:
+    """Run a PPO job in the foreground with a progress bar; resumes from the run's last checkpoint (--fresh: starts
+    over, keeping the old run aside)."""
     from services.trainer.run import train
 
-    cfg = _load(config, overrides)
-    _logging()
+    cfg = _load(config, run_overrides(overrides, fresh, run_name))
+    _check_run(cfg)
+    setup_logging("info")
     _ensure_tiny_kit(cfg)
     try:
         status = train(cfg)
@@ -68,6 +82,8 @@ def train_command(config: ConfigOption, overrides: SetOption = None) -> None:
 def serve(
     config: ConfigOption,
     overrides: SetOption = None,
+    fresh: FreshOption = False,
+    run_name: RunNameOption = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8002,
     api_key: Annotated[Optional[str], typer.Option(envvar="TRAINER_API_KEY", help="Bearer key for /v1.")] = None,
@@ -83,8 +99,8 @@ def serve(
     from services.trainer.app import create_app
     from services.trainer.config import stop_grace_s
 
-    cfg = _load(config, overrides)
-    _logging()
+    cfg = _load(config, run_overrides(overrides, fresh, run_name))
+    setup_logging("info")
     _ensure_tiny_kit(cfg)
     application = create_app(cfg, api_key=api_key, stop_grace_s=stop_grace_s(stop_grace))
     server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info"))

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from shared.runtime import available_cores
 from shared.settings import read_yaml
+
+if TYPE_CHECKING:
+    import torch
 
 # How long a stop (Ctrl-C or SIGTERM under `rlhf up`, a container stop) lets the trainer finish its iteration and
 # save before it is killed: one iteration plus one save, measured (fsync included):
@@ -66,7 +70,18 @@ class TrainConfig(_Section):
     eval_samples_per_prompt: int = Field(2, ge=1, description="Samples averaged per eval prompt (less noise).")
     torch_threads: int = Field(default_factory=available_cores, ge=1, description="torch intra-op threads; default: "
                                "the cores this process may use.")
-    tensorboard: bool = Field(True, description="Also log to TensorBoard when it is installed.")
+    tracker: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers besides metrics.jsonl (always "
+        "written): tensorboard, wandb, mlflow, aim; several as a list or comma-separated; none (or null, empty) for "
+        "none. The default, tensorboard, is skipped with a warning where it is not installed; a tracker named here "
+        "that is not installed fails at load (pip install 'rlhf-services[tracking]'). `tensorboard: false`, the "
+        "older switch, still turns TensorBoard off.")
+    logging_dir: Path | None = Field(None, description="Where trackers write (tensorboard/, wandb/, mlflow/, aim/); "
+                                     "default: the run folder. A folder shared by runs collects them all.")
+    project_name: str = Field("rlhf", min_length=1, description="W&B project, MLflow experiment, Aim experiment.")
+    entity_name: str | None = Field(None, description="W&B entity (team or user); None: the account's default.")
+    group_name: str | None = Field(None, description="W&B run group (MLflow: the tag `group`).")
+    tags: list[str] = Field(default_factory=list, description="W&B and Aim run tags (MLflow: the tag `tags`).")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         "auto", description="Forward passes (rollouts, reference, updates) under bf16/fp16 autocast; weights, "
         "optimizer state and the PPO math stay float32. `auto`: bf16 on a GPU that supports it or a CPU with "
@@ -86,30 +101,192 @@ class TrainConfig(_Section):
             precision.resolve(value)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_switch(cls, data: Any) -> Any:
+        """`tensorboard: true|false`, the switch `tracker` replaced: false takes TensorBoard out of the trackers."""
+        if not isinstance(data, dict) or "tensorboard" not in data:
+            return data
+        from pydantic import TypeAdapter
+
+        from services.trainer.trackers import parse_names
+
+        data = dict(data)
+        on = TypeAdapter(bool).validate_python(data.pop("tensorboard"))
+        if on and "tracker" not in data:
+            return data  # the default: TensorBoard where installed
+        names = [n for n in parse_names(data.get("tracker", ["tensorboard"])) if n != "tensorboard"]
+        data["tracker"] = (["tensorboard"] if on else []) + names
+        return data
+
+    @field_validator("tracker", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> list[str]:
+        from services.trainer.trackers import parse_names
+
+        return parse_names(value)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _trackers_installed(self, info: ValidationInfo) -> TrainConfig:
+        """A tracker asked for by name fails here, not when the run starts; the default is skipped at the start."""
+        from services.trainer import trackers
+
+        if "tracker" in self.model_fields_set and not (info.context or {}).get(trackers.SKIP_PACKAGE_CHECK):
+            missing = trackers.missing_trackers(list(self.tracker))
+            if missing:
+                raise ValueError(f"train.tracker: {', '.join(missing)} not installed: {trackers.INSTALL_HINT}")
+        return self
+
 
 class ModelConfig(_Section):
+    """The policy being trained; its KL reference is a frozen copy of it."""
+
     model_path: str = Field(description="Policy to fine-tune: a local folder or a hub id.")
-    revision: str | None = None
-    value_head_hidden: int | None = Field(None, description="Value head width; default 2 x hidden (as trlX).")
+    revision: str | None = Field(None, description="Hub revision of model_path (branch, tag or commit); None: the "
+                                 "default branch.")
+    value_head_hidden: int | None = Field(None, description="Hidden width of the value head, in units; None (or 0): "
+                                          "2 x the model's hidden size (as trlX).")
     num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N blocks (embeddings and lower blocks "
                                      "frozen) with a hydra reference sharing the frozen trunk; -1: every parameter "
                                      "trains, against a full frozen copy (trlX's semantics).")
 
 
 class TokenizerConfig(_Section):
-    tokenizer_path: str | None = Field(None, description="Default: model.model_path.")
-    truncation_side: Literal["left", "right"] = "right"
+    tokenizer_path: str | None = Field(None, description="Tokenizer folder or hub id; None: model.model_path.")
+    truncation_side: Literal["left", "right"] = Field("right", description="Which end of a prompt is cut when it is "
+                                                      "longer than seq_length - max_new_tokens tokens.")
+
+
+# -- optimizer and scheduler settings: trlX passes `kwargs` to the torch class as they are, so each setting a config
+# leaves out takes torch's default (None here); a config with no optimizer kwargs at all gets trlX's
+# default_ppo_config() ones, those the optimizer takes.
+DEFAULT_OPTIMIZER_KWARGS: dict[str, Any] = {"lr": 3e-5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 1e-6}
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class TorchOptimizerKwargs(_Section):
+    """What every optimizer here takes; None: torch's default."""
+
+    lr: float | None = Field(None, ge=0, description="Learning rate (step size per optimizer step) before the "
+                             "scheduler's factor; None: torch's 1e-3.")
+    weight_decay: float | None = Field(None, ge=0, description="Weight decay per optimizer step (adamw: decoupled, "
+                                       "scaled by lr; adam and sgd: an L2 term added to the gradient); None: torch's "
+                                       "(adamw 0.01, adam and sgd 0).")
+    fused: bool | None = Field(None, description="One fused kernel per step for all parameters; None: on for adam and "
+                               "adamw unless foreach is set, else torch's choice.")
+    foreach: bool | None = Field(None, description="Batch the update across parameters with torch's foreach ops; "
+                                 "None: torch's choice.")
+
+
+class AdamKwargs(TorchOptimizerKwargs):
+    """torch.optim.Adam and AdamW."""
+
+    betas: tuple[Beta, Beta] | None = Field(None, description="Decay per optimizer step of the running means of the "
+                                            "gradient and of its square, each in [0, 1); None: torch's (0.9, 0.999).")
+    eps: float | None = Field(None, ge=0, description="Added to the root of the squared-gradient mean, for numerical "
+                              "stability; None: torch's 1e-8.")
+
+
+class SGDKwargs(TorchOptimizerKwargs):
+    """torch.optim.SGD."""
+
+    momentum: float | None = Field(None, ge=0, description="Fraction of the previous update carried into each step; "
+                                   "None: torch's 0.")
+    nesterov: bool | None = Field(None, description="Nesterov momentum (needs momentum > 0); None: torch's false.")
+
+
+OPTIMIZER_KWARGS: dict[str, type[TorchOptimizerKwargs]] = {"adamw": AdamKwargs, "adam": AdamKwargs, "sgd": SGDKwargs}
+TORCH_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}  # torch.optim's class names
+
+
+class CosineAnnealingKwargs(_Section):
+    """torch's CosineAnnealingLR: the rate follows half a cosine from optimizer.kwargs.lr down to eta_min."""
+
+    T_max: int | None = Field(None, ge=1, description="Optimizer steps from the full rate down to eta_min (the rate "
+                              "then rises again); None: the whole run.")
+    eta_min: float = Field(0.0, ge=0, description="Lowest learning rate, reached after T_max optimizer steps.")
+
+    def torch_kwargs(self, total_steps: int) -> dict[str, Any]:
+        return {"T_max": total_steps if self.T_max is None else self.T_max, "eta_min": self.eta_min}
+
+
+class LinearKwargs(_Section):
+    """torch's LinearLR: the rate is optimizer.kwargs.lr times a factor going linearly from start to end."""
+
+    start_factor: float = Field(1.0, gt=0, le=1, description="Factor on the learning rate at the first optimizer "
+                                "step.")
+    end_factor: float = Field(0.0, ge=0, le=1, description="Factor reached after total_iters optimizer steps, and "
+                              "kept after.")
+    total_iters: int | None = Field(None, ge=1, description="Optimizer steps from start_factor to end_factor; None: "
+                                    "the whole run.")
+
+    def torch_kwargs(self, total_steps: int) -> dict[str, Any]:
+        return {"start_factor": self.start_factor, "end_factor": self.end_factor,
+                "total_iters": total_steps if self.total_iters is None else self.total_iters}
+
+
+class ConstantKwargs(_Section):
+    """No settings: the learning rate stays optimizer.kwargs.lr."""
+
+    def torch_kwargs(self, total_steps: int) -> dict[str, Any]:
+        return {}
+
+
+SCHEDULER_KWARGS: dict[str, type[CosineAnnealingKwargs | LinearKwargs | ConstantKwargs]] = {
+    "cosine_annealing": CosineAnnealingKwargs, "linear": LinearKwargs, "constant": ConstantKwargs}
+
+
+def kwargs_for_name(section: str, value: Any, info: ValidationInfo, classes: Mapping[str, type[_Section]]) -> Any:
+    """`value` validated as the kwargs of the section's `name` (validated before it), a key that this name does not
+    take refused by name."""
+    expected = classes.get(info.data.get("name", ""))
+    if expected is None:  # the name is wrong, and its own error says so: the kwargs cannot be judged
+        return next(iter(classes.values())).model_construct()
+    if isinstance(value, expected):
+        return value
+    if isinstance(value, BaseModel):
+        value = value.model_dump(exclude_unset=True)
+    if isinstance(value, dict):
+        wrong = [key for key in value if key not in expected.model_fields]
+        if wrong:
+            takes = ", ".join(expected.model_fields) or "none"
+            raise ValueError(f"{section}.kwargs do not fit {info.data['name']}: {', '.join(map(str, wrong))} "
+                             f"{'is' if len(wrong) == 1 else 'are'} not among its settings (it takes {takes})")
+    return expected.model_validate(value)
 
 
 class OptimizerConfig(_Section):
-    """torch's optimizer of that name, given `kwargs` as they are (as trlX does)."""
+    """torch's optimizer of that name, given the settings in `kwargs` (as trlX does)."""
 
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"lr": 3e-5, "betas": (0.9, 0.95), "eps": 1e-8,
-                                                            "weight_decay": 1e-6})
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="torch.optim.AdamW, Adam or SGD.")
+    kwargs: AdamKwargs | SGDKwargs = Field(
+        default_factory=lambda: AdamKwargs(**DEFAULT_OPTIMIZER_KWARGS), validate_default=True,
+        description=f"The optimizer's settings; left out: {DEFAULT_OPTIMIZER_KWARGS} (trlX's defaults), those the "
+        "optimizer takes.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kwargs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kwargs" not in data and data.get("name", "adamw") in OPTIMIZER_KWARGS:
+            takes = OPTIMIZER_KWARGS[data.get("name", "adamw")].model_fields
+            data = {**data, "kwargs": {k: v for k, v in DEFAULT_OPTIMIZER_KWARGS.items() if k in takes}}
+        return data
+
+    @field_validator("kwargs", mode="before")
+    @classmethod
+    def _kwargs_of_name(cls, value: Any, info: ValidationInfo) -> Any:
+        return kwargs_for_name("optimizer", value, info, OPTIMIZER_KWARGS)
 
     @model_validator(mode="after")
-    def _kwargs_fit(self) -> OptimizerConfig:
+    def _torch_takes_them(self) -> OptimizerConfig:
+        """What the types cannot say (nesterov without momentum, say) torch says, at load."""
         import torch
 
         try:
@@ -118,46 +295,49 @@ class OptimizerConfig(_Section):
             raise ValueError(f"optimizer.kwargs do not fit torch's {self.name}: {exc}") from None
         return self
 
-    def build(self, params):
+    def torch_kwargs(self) -> dict[str, Any]:
+        """The settings given, those left out omitted so that torch's defaults apply: what trlX passes torch."""
+        return self.kwargs.model_dump(exclude_none=True)
+
+    def build(self, params: Iterable[Any]) -> torch.optim.Optimizer:
         import torch
 
-        kwargs = self.kwargs
-        if self.name in ("adam", "adamw") and not {"fused", "foreach"} & set(kwargs):
+        kwargs = self.torch_kwargs()
+        if self.name in ("adam", "adamw") and self.kwargs.fused is None and self.kwargs.foreach is None:
             # The same update in one kernel instead of ~10 ops per tensor: on 2 CPU cores AdamW's step on GPT-2
             # small took 0.2 s unfused, 0.03 s fused. `fused: false` in kwargs turns it off.
-            kwargs = {**kwargs, "fused": True}
-        return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.name](
-            params, **kwargs)
+            kwargs["fused"] = True
+        optimizer_class: type[torch.optim.Optimizer] = getattr(torch.optim, TORCH_OPTIMIZERS[self.name])
+        return optimizer_class(params, **kwargs)
 
 
 class SchedulerConfig(_Section):
-    """Stepped after every optimizer step (as trlX), so `kwargs` count optimizer steps. `cosine_annealing`: torch's
-    CosineAnnealingLR (T_max default: the run's optimizer steps); `linear`: torch's LinearLR (default: from the full
-    rate down to 0 over the run); `constant`: no schedule."""
+    """Stepped after every optimizer step (as trlX), so `kwargs` count optimizer steps; the whole run is
+    train.total_steps x the optimizer steps of an iteration."""
 
-    name: Literal["cosine_annealing", "linear", "constant"] = "constant"
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: Literal["cosine_annealing", "linear", "constant"] = Field(
+        "constant", description="`cosine_annealing`: torch's CosineAnnealingLR; `linear`: torch's LinearLR (default: "
+        "from the full rate down to 0 over the run); `constant`: no schedule.")
+    kwargs: CosineAnnealingKwargs | LinearKwargs | ConstantKwargs = Field(
+        default_factory=ConstantKwargs, validate_default=True, description="The schedule's settings (each has a "
+        "default).")
 
-    @model_validator(mode="after")
-    def _kwargs_fit(self) -> SchedulerConfig:
-        import torch
+    @field_validator("kwargs", mode="before")
+    @classmethod
+    def _kwargs_of_name(cls, value: Any, info: ValidationInfo) -> Any:
+        return kwargs_for_name("scheduler", value, info, SCHEDULER_KWARGS)
 
-        try:
-            self.build(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"scheduler.kwargs do not fit {self.name}: {exc}") from None
-        return self
+    def torch_kwargs(self, total_steps: int) -> dict[str, Any]:
+        """The torch scheduler's kwargs, defaults filled in, for a run of `total_steps` optimizer steps."""
+        return self.kwargs.torch_kwargs(total_steps)
 
-    def build(self, optimizer, total_steps: int):
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         from torch.optim import lr_scheduler
 
         if self.name == "cosine_annealing":
-            return lr_scheduler.CosineAnnealingLR(optimizer, **{"T_max": total_steps, **self.kwargs})
+            return lr_scheduler.CosineAnnealingLR(optimizer, **self.torch_kwargs(total_steps))
         if self.name == "linear":
-            return lr_scheduler.LinearLR(optimizer, **{"start_factor": 1.0, "end_factor": 0.0,
-                                                       "total_iters": total_steps, **self.kwargs})
-        if self.kwargs:
-            raise ValueError("a constant schedule takes no kwargs")
+            return lr_scheduler.LinearLR(optimizer, **self.torch_kwargs(total_steps))
         return lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -165,11 +345,14 @@ class GenKwargs(BaseModel):
     """Keyword arguments of `generate`: the ones below are checked, others (as trlX allows) pass through."""
 
     model_config = ConfigDict(extra="allow")
-    max_new_tokens: int = Field(40, ge=1)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    do_sample: bool = True
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(40, ge=1, description="Longest response, in tokens; prompts are cut to seq_length "
+                                "minus this.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens only; 0: no top-k filter.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sample among the fewest most likely tokens whose probabilities "
+                         "sum to this (nucleus); 1: no filter.")
+    do_sample: bool = Field(True, description="Sample; false: greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Divides the logits before sampling: below 1 sharper, above 1 "
+                               "flatter.")
 
     @model_validator(mode="after")
     def _known_arguments(self) -> GenKwargs:
@@ -191,18 +374,25 @@ class GenKwargs(BaseModel):
 class MethodConfig(_Section):
     """PPO hyper-parameters; defaults are trlX's `ppo_sentiments` ones."""
 
-    name: Literal["ppoconfig", "ppo"] = "ppoconfig"
-    num_rollouts: int = Field(128, ge=1, description="Rollouts collected per iteration.")
+    name: Literal["ppoconfig", "ppo"] = Field("ppoconfig", description="trlX's method name (PPOConfig, any case): "
+                                              "PPO is the only method.")
+    num_rollouts: int = Field(128, ge=1, description="Rollouts (prompt + sampled response) collected per iteration.")
     chunk_size: int = Field(128, ge=1, description="Prompts per generate call while collecting rollouts.")
-    ppo_epochs: int = Field(4, ge=1)
-    init_kl_coef: float = Field(0.001, ge=0)
-    target: float | None = Field(None, gt=0, description="Adaptive KL target; None keeps the coefficient fixed.")
-    horizon: int = Field(10000, ge=1)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(1.0, ge=0)
+    ppo_epochs: int = Field(4, ge=1, description="Passes over an iteration's rollouts, each of num_rollouts / "
+                            "train.batch_size optimizer steps.")
+    init_kl_coef: float = Field(0.001, ge=0, description="Starting weight of the per-token KL penalty against the "
+                                "reference, in reward per nat.")
+    target: float | None = Field(None, gt=0, description="Adaptive KL target, in nats per response; None keeps the "
+                                 "coefficient fixed.")
+    horizon: int = Field(10000, ge=1, description="Adaptive KL horizon, in rollouts: each of an iteration's ppo_epochs "
+                         "updates moves the coefficient by at most 20% x train.batch_size / horizon.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per response token (GAE).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 0 one-step TD advantages, 1 Monte Carlo returns.")
+    cliprange: float = Field(0.2, gt=0, description="Policy clip: the probability ratio new/old is kept within 1 "
+                             "+- this.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip: new value predictions stay within +- this of "
+                                   "the rollout's, in reward units.")
+    vf_coef: float = Field(1.0, ge=0, description="Weight of the value loss beside the policy loss.")
     scale_reward: str | bool | None = Field(None, description="`running` or `ref` divide the clipped scores by "
                                             "their running or reference std; any other value (trlX writes "
                                             "`ignored`, or false) scales nothing.")
@@ -210,8 +400,10 @@ class MethodConfig(_Section):
                                    "the first batch's.")
     ref_std: float | None = Field(None, gt=0, description="Reference score std for scale_reward `ref`; None: the "
                                   "first batch's (clipped) scores' std.")
-    cliprange_reward: float = Field(10.0, ge=0, description="Clip scores to +-this before scaling; 0 turns it off.")
-    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm; None (trlX) never clips.")
+    cliprange_reward: float = Field(10.0, ge=0, description="Clip scores to +-this (reward units) before scaling; 0 "
+                                    "turns it off.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient's global L2 norm to this; None "
+                                        "(trlX) never clips.")
     gen_kwargs: GenKwargs = Field(default_factory=GenKwargs, description="Sampling for evaluation, and for rollouts "
                                   "unless gen_experience_kwargs is set.")
     gen_experience_kwargs: GenKwargs | None = Field(None, description="Sampling for rollouts (trlX).")
@@ -220,10 +412,12 @@ class MethodConfig(_Section):
 
     @property
     def rollout_kwargs(self) -> GenKwargs:
+        """Sampling for rollouts: gen_experience_kwargs when set, else gen_kwargs."""
         return self.gen_experience_kwargs or self.gen_kwargs
 
     @property
     def scaling(self) -> str | None:
+        """`running`, `ref`, or None for no reward scaling."""
         return self.scale_reward if self.scale_reward in ("running", "ref") else None
 
 
@@ -324,6 +518,11 @@ class TrainerConfig(_Section):
     def optimizer_steps_per_iteration(self) -> int:
         """trlX's unit: one optimizer step per minibatch, `ppo_epochs` passes over `num_rollouts` rollouts."""
         return self.method.ppo_epochs * self.method.num_rollouts // self.train.batch_size
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        """The whole run in optimizer steps: what learning-rate schedules count."""
+        return self.train.total_steps * self.optimizer_steps_per_iteration
 
     def evaluates_after(self, iteration: int) -> bool:
         return reaches_multiple(iteration, self.train.eval_interval) or iteration == self.train.total_steps

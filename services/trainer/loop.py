@@ -104,7 +104,7 @@ class PPOTrainer:
             for model in (policy.base, reference.model):
                 float32_output_head(model)
         optimizer = config.optimizer.build([p for p in policy.parameters() if p.requires_grad])  # unfrozen ones
-        scheduler = self._make_scheduler(optimizer)
+        scheduler = config.scheduler.build(optimizer, config.total_optimizer_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, optimizer, scheduler)
         self.reference = reference.to(self.accelerator.device)
         self.kl_ctl = make_kl_controller(config)
@@ -112,10 +112,6 @@ class PPOTrainer:
         self.ref_std: float | None = None
         self.iteration = 0
         self.eos = tokenizer.eos_token_id
-
-    def _make_scheduler(self, optimizer):
-        return self.config.scheduler.build(optimizer, self.config.train.total_steps *
-                                           self.config.optimizer_steps_per_iteration)
 
     @property
     def policy(self) -> PolicyWithValueHead:
@@ -245,9 +241,10 @@ class PPOTrainer:
                     logits, values, _ = self.model(seq[idx], att[idx], keep)
                 logprobs = response_logprobs(logits, seq[idx], q)
                 loss, stats = ppo_losses(
-                    logprobs, response_values(values, seq[idx], q), rollouts.logprobs[idx], rollouts.values[idx],
-                    rollouts.advantages[idx], rollouts.returns[idx], rollouts.mask[idx], m.cliprange,
-                    m.cliprange_value, m.vf_coef)
+                    logprobs=logprobs, values=response_values(values, seq[idx], q),
+                    old_logprobs=rollouts.logprobs[idx], old_values=rollouts.values[idx],
+                    advantages=rollouts.advantages[idx], returns=rollouts.returns[idx], mask=rollouts.mask[idx],
+                    cliprange=m.cliprange, cliprange_value=m.cliprange_value, vf_coef=m.vf_coef)
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 if m.max_grad_norm:
@@ -288,11 +285,14 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean reward of `eval_samples_per_prompt` samples for each fixed eval prompt (plus their KL and length)."""
+        """Mean reward of `eval_samples_per_prompt` samples for each fixed eval prompt (plus their KL and length).
+        The samples themselves stay in `eval_samples`: {step, prompt, completion, score} each."""
         k = self.config.train.eval_samples_per_prompt
         prompts = [p for p in self.eval_prompts for _ in range(k)]
         rollouts = self.generate(prompts, evaluation=True)
         scores = self.score(rollouts)
+        self.eval_samples = [{"step": self.iteration, "prompt": prompt, "completion": completion, "score": score}
+                             for prompt, completion, score in zip(rollouts.prompts, rollouts.outputs, scores.tolist())]
         logprobs, _, _, ref_logprobs = self.policy_forward(rollouts)
         kl = sequence_kl(logprobs, ref_logprobs, rollouts.mask)
         lengths = rollouts.response_lengths(self.eos)

@@ -116,12 +116,14 @@ class LossStats:
     ratio_mean: float
 
 
-def ppo_losses(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
-               advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange: float,
-               cliprange_value: float, vf_coef: float) -> tuple[torch.Tensor, LossStats]:
+def ppo_losses(*, logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.Tensor,
+               old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange: float, cliprange_value: float, vf_coef: float) -> tuple[torch.Tensor, LossStats]:
     """Clipped policy loss plus vf_coef x clipped value loss (Schulman et al. 2017, eq. 7 and 9; trlX PPOConfig.loss).
 
-    All inputs (B, T). Returns the scalar loss to minimise and its parts."""
+    Keyword-only: seven same-shaped tensors are easy to swap by position. All tensors (B, T): the minibatch's current
+    log-probs and values, the rollouts' (old) ones, advantages, returns and the response mask. Returns the scalar
+    loss to minimise and its parts."""
     n = mask.sum().clamp(min=1)
     values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     vf_loss1 = (values - returns) ** 2
@@ -189,15 +191,15 @@ class AdaptiveKLController:
 class RunningMoments:
     """Running mean and standard deviation of scores, merged batch by batch (Chan et al. 1979; trlX RunningMoments)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.mean, self.std, self.var, self.count = 0.0, 1.0, 1.0, 1e-24
 
     def update(self, xs: torch.Tensor) -> tuple[float, float]:
         """Fold in a batch; returns the batch's own mean and std."""
         xs = xs.double()
         xs_count = xs.numel()
-        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
-        xs_mean, xs_var = xs_mean.item(), xs_var.item()
+        var_t, mean_t = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var = float(mean_t.item()), float(var_t.item())
         delta = xs_mean - self.mean
         total = self.count + xs_count
         new_sum = xs_var * xs_count

@@ -12,7 +12,14 @@ import torch
 from accelerate.utils import gather_object
 
 from services.trainer import precision
-from services.trainer.checkpointing import load_trainer_state, prune, resume_candidates, save_checkpoint, update_best
+from services.trainer.checkpointing import (
+    load_trainer_state,
+    prune,
+    resume_candidates,
+    save_checkpoint,
+    set_aside,
+    update_best,
+)
 from services.trainer.config import TrainerConfig
 from services.trainer.data import PromptSampler, load_texts, make_prompts
 from services.trainer.loop import PPOTrainer
@@ -23,6 +30,7 @@ from services.trainer.policy import (
     load_policy_and_tokenizer,
     make_reference,
 )
+from services.trainer.preflight import RunFinished, RunRefused, check_run
 from services.trainer.report import EVAL_PROMPTS, MIXED_PRECISION_KEY, write_report
 from services.trainer.rewards import RewardFn, remote_reward_fn, wait_for_reward_service
 from services.trainer.tracking import MetricsLog, TrainingStatus
@@ -51,12 +59,15 @@ def run_prompts(config: TrainerConfig, prompts=None, eval_prompts=None) -> tuple
 
 
 def prepare_run_folder(config: TrainerConfig, eval_prompts: list[str]) -> None:
-    """The run folder as either engine starts it: the eval prompts (the end-of-run report continues them with the
-    base and the trained policy), and no leftovers of a process that died while saving."""
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config.run_dir / EVAL_PROMPTS, json.dumps(eval_prompts, indent=1))
+    """The run folder as either engine starts it: no leftovers of a process that died while saving, the old run
+    moved aside when this one starts over (train.resume off), and the eval prompts (the end-of-run report continues
+    them with the base and the trained policy)."""
     for action in recover_checkpoints(config.run_dir):
         log.warning("cleaning up after a process that died while saving: %s", action)
+    if not config.train.resume:
+        set_aside(config.run_dir)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config.run_dir / EVAL_PROMPTS, json.dumps(eval_prompts, indent=1))
 
 
 def await_reward_service(config: TrainerConfig, status: TrainingStatus) -> bool:
@@ -80,12 +91,29 @@ def train(config: TrainerConfig, reward_fn: RewardFn | None = None, prompts: Seq
     **kw) -> scores; when None, the reward service named in `config.reward` is used (and waited for)."""
     status = status or TrainingStatus(total=config.train.total_steps)
     try:
-        _train(config, reward_fn, prompts, eval_prompts, status, on_step)
+        if not _already_finished(config, status):
+            _train(config, reward_fn, prompts, eval_prompts, status, on_step)
     except Exception as exc:
-        status.state, status.error = "failed", f"{type(exc).__name__}: {exc}"
+        # A refusal's message is the whole story (what is wrong and what to do); other errors need their type.
+        status.state, status.error = "failed", str(exc) if isinstance(exc, RunRefused) else \
+            f"{type(exc).__name__}: {exc}"
         log.error("training failed: %s", status.error)
         raise
     return status
+
+
+def _already_finished(config: TrainerConfig, status: TrainingStatus) -> bool:
+    """Check the run before anything loads (either engine): True, said in the log and the status, when it already
+    reached total_steps; a ResumeConflict propagates (the job fails rather than resume silently)."""
+    try:
+        check_run(config)
+    except RunFinished as done:
+        log.warning("%s", done)
+        status.state, status.message = "finished", str(done)
+        status.step = status.start_step = done.step or 0
+        status.last_checkpoint, status.best_checkpoint = done.checkpoint, done.best
+        return True
+    return False
 
 
 def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_step) -> None:
@@ -131,9 +159,10 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     if trainer is None:
         trainer = build(base)
     status.step = status.start_step = trainer.iteration
-    metrics = MetricsLog(config.run_dir, trainer.iteration, t.tensorboard) if main else None
+    metrics = MetricsLog.for_run(config, trainer.iteration) if main else None
     if metrics:
         status.history = metrics.history
+        status.eval_samples = metrics.eval_samples  # the newest evaluation before the resumed step
     progress = _progress(main, status)
     try:
         if _run_steps(trainer, config, status, accelerator, metrics, on_step, progress):
@@ -170,6 +199,7 @@ def _run_steps(trainer: PPOTrainer, config: TrainerConfig, status: TrainingStatu
                 trainer.rewind(point)
                 raise
             it = trainer.iteration
+            last_eval = {}  # a checkpoint records only its own step's evaluation: best.json must not credit an old one
             status.step, status.reward_mean, status.kl = it, stats["rollout/reward_mean"], stats["objective/kl"]
             if metrics:
                 record = metrics.write(it, stats)
@@ -261,9 +291,10 @@ def _evaluate(trainer: PPOTrainer, metrics: MetricsLog | None, status: TrainingS
     result: dict = {}
     if accelerator.is_main_process:
         result = trainer.evaluate()
-        status.eval_reward_mean = result["eval/reward_mean"]
+        status.eval_reward_mean, status.eval_samples = result["eval/reward_mean"], trainer.eval_samples
         if metrics:
             metrics.write(trainer.iteration, result)
+            metrics.write_samples(trainer.iteration, trainer.eval_samples)
     accelerator.wait_for_everyone()
     return result
 

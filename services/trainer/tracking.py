@@ -1,4 +1,5 @@
-"""Where a run's numbers go: `metrics.jsonl` in the run folder (always) and TensorBoard (when installed)."""
+"""Where a run's numbers go: `metrics.jsonl` and `eval_samples.jsonl` in the run folder (always), and the experiment
+trackers `train.tracker` names (services/trainer/trackers.py)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,22 @@ from shared.checkpoints import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 
-class MetricsLog:
-    """Appends one JSON object per line, each with `step`. On resume, lines past the resumed step (written by the
+
+class JsonLines:
+    """A file of JSON objects, one a line, each with `step`. On resume, lines past the resumed step (written by the
     killed run after its last checkpoint) are dropped, since those steps run again; so is a line that does not parse
-    (the torn last line of a process killed mid-write, or garbage), with a warning. `history` holds every record of
-    the file, those of earlier processes of the run included."""
+    (the torn last line of a process killed mid-write, or garbage), with a warning. A run from scratch (resume_step
+    0) starts the file empty. `records` holds every record of the file, earlier processes' included."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = True):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        self.history: list[dict] = []
-        if self.path.exists():  # a run from scratch (resume_step 0) starts an empty log
-            self.history = [r for r in self._read() if resume_step and r["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
-        self._writer = self._tensorboard(run_dir) if tensorboard else None
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            self.records = [r for r in self._read() if resume_step and r["step"] <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _read(self) -> list[dict]:
         lines = self.path.read_text(errors="replace").splitlines()
@@ -46,34 +48,63 @@ class MetricsLog:
             records.append(record)
         return records
 
-    @staticmethod
-    def _tensorboard(run_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> dict:
-        record = {"step": step, "time": time.time(), **metrics}
+    def append(self, records: list[dict]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.history.append(record)
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, step)
-        return record
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+        self.records.extend(records)
 
     def sync(self) -> None:
-        """Make the lines written so far durable: a checkpoint commits only after the metrics of its steps."""
         if self.path.exists():
             with self.path.open("a") as f:
                 os.fsync(f.fileno())
 
+
+class MetricsLog:
+    """metrics.jsonl (one record per `write`), eval_samples.jsonl (the samples of each evaluation) and the run's
+    trackers (services.trainer.trackers.RunTrackers, or None for the files alone), kept in step. `history` holds
+    every metrics record of the run, earlier processes' included; `eval_samples` the newest evaluation's samples."""
+
+    def __init__(self, run_dir: Path, resume_step: int, trackers=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = JsonLines(run_dir / METRICS_FILE, resume_step)
+        self._samples = JsonLines(run_dir / EVAL_SAMPLES_FILE, resume_step)
+        self.path = self._metrics.path
+        self.history = self._metrics.records
+        self.trackers = trackers
+
+    @classmethod
+    def for_run(cls, config, resume_step: int) -> MetricsLog:
+        """The run's files and the trackers its config names, opened (and given the config)."""
+        from services.trainer.trackers import RunTrackers
+
+        return cls(config.run_dir, resume_step, RunTrackers.open(config, resume_step))
+
+    @property
+    def eval_samples(self) -> list[dict]:
+        samples = self._samples.records
+        return [s for s in samples if s["step"] == samples[-1]["step"]] if samples else []
+
+    def write(self, step: int, metrics: dict[str, float]) -> dict:
+        record = {"step": step, "time": time.time(), **metrics}
+        self._metrics.append([record])
+        if self.trackers:
+            self.trackers.log(metrics, step)
+        return record
+
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        """One evaluation's samples: dicts with step, prompt, completion and score."""
+        self._samples.append(samples)
+        if self.trackers:
+            self.trackers.log_samples(samples, step)
+
+    def sync(self) -> None:
+        """Make the lines written so far durable: a checkpoint commits only after the records of its steps."""
+        self._metrics.sync()
+        self._samples.sync()
+
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self.trackers:
+            self.trackers.close()
 
 
 @dataclass
@@ -95,6 +126,9 @@ class TrainingStatus:
     iteration_seconds: float | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
     history: list[dict] = field(default_factory=list)  # the run's metrics records, earlier processes' included
+    # The newest evaluation's samples ({step, prompt, completion, score} each), restored from eval_samples.jsonl on
+    # resume; replaced (not mutated) at each evaluation, so a reader holding the old list sees a whole one.
+    eval_samples: list[dict] = field(default_factory=list)
 
     def eta_seconds(self) -> float | None:
         if self.iteration_seconds is None or self.state != "running":

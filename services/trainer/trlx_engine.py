@@ -72,8 +72,9 @@ def _plain(value: Any) -> Any:
 
 
 def optimizer_config(config: TrainerConfig) -> dict[str, Any]:
-    """The same torch optimizer with the same kwargs: both engines pass `optimizer.kwargs` as they are."""
-    return {"name": config.optimizer.name, "kwargs": _plain(dict(config.optimizer.kwargs))}
+    """The same torch optimizer with the same settings: both engines pass the kwargs given, torch's defaults for the
+    rest."""
+    return {"name": config.optimizer.name, "kwargs": _plain(config.optimizer.torch_kwargs())}
 
 
 def scheduler_config(config: TrainerConfig) -> dict[str, Any]:
@@ -81,14 +82,10 @@ def scheduler_config(config: TrainerConfig) -> dict[str, Any]:
     optimizer steps; the project's defaults (the whole run: iterations x optimizer steps per iteration) are written
     out, since trlX has none. trlX has `cosine_annealing` (CosineAnnealingLR) and `linear` (LinearLR) only: the
     project's `constant` is LinearLR with both factors 1."""
-    s = config.scheduler
-    total = config.train.total_steps * config.optimizer_steps_per_iteration
-    if s.name == "cosine_annealing":
-        return {"name": "cosine_annealing", "kwargs": _plain({"T_max": total, **s.kwargs})}
-    if s.name == "linear":
-        return {"name": "linear", "kwargs": _plain({"start_factor": 1.0, "end_factor": 0.0, "total_iters": total,
-                                                    **s.kwargs})}
-    return {"name": "linear", "kwargs": {"start_factor": 1.0, "end_factor": 1.0, "total_iters": total}}
+    s, total = config.scheduler, config.total_optimizer_steps
+    if s.name == "constant":
+        return {"name": "linear", "kwargs": {"start_factor": 1.0, "end_factor": 1.0, "total_iters": total}}
+    return {"name": s.name, "kwargs": _plain(s.torch_kwargs(total))}
 
 
 def _gen_kwargs(kwargs) -> dict[str, Any] | None:
@@ -103,7 +100,7 @@ def trlx_config(config: TrainerConfig, model_dir: str | Path, tokenizer_dir: str
     and checkpoints are pushed past the end (the runner's trainer evaluates and checkpoints at the project's points,
     and turns off the saves trlX still makes at its last step); no tracker."""
     t, m = config.train, config.method
-    steps = t.total_steps * config.optimizer_steps_per_iteration
+    steps = config.total_optimizer_steps
     return {
         "method": {
             "name": "PPOConfig",
@@ -396,9 +393,8 @@ def run_trlx(config: TrainerConfig, prompts: Sequence[str] | None, eval_prompts:
     if config.train.resume and (found := _existing_checkpoints(config)):
         raise TrlxConfigError(f"train.engine=trlx cannot resume ({', '.join(found[-3:])} exist in {run_dir}): trlX "
                               "has no way to restore its optimizer, KL controller and data position into its "
-                              "training loop. Set train.resume=false to start over in this run folder (its "
-                              "checkpoints are replaced as the new run reaches their steps), or use another "
-                              "train.run_name")
+                              "training loop. Add --fresh (train.resume=false) to start over (the old run folder is "
+                              "moved aside to <run>.replaced-<UTC time>), or pass --run-name NAME for another run")
     train_prompts, eval_set = run_prompts(config, prompts, eval_prompts)
     prepare_run_folder(config, eval_set)
     if not await_reward_service(config, status):

@@ -24,12 +24,6 @@ IGNORED = {
     "train.pipeline": "prompts come from the data section",
     "train.trainer": "train.engine picks the engine: native, or trlX's own trainer",
     "train.trainer_kwargs": "no trainer class to pass them to",
-    "train.project_name": "metrics go to metrics.jsonl and TensorBoard in the run folder",
-    "train.entity_name": "metrics go to metrics.jsonl and TensorBoard in the run folder",
-    "train.group_name": "metrics go to metrics.jsonl and TensorBoard in the run folder",
-    "train.tags": "metrics go to metrics.jsonl and TensorBoard in the run folder",
-    "train.tracker": "metrics go to metrics.jsonl and TensorBoard in the run folder",
-    "train.logging_dir": "metrics go to metrics.jsonl and TensorBoard in the run folder",
     "train.rollout_logging_dir": "rollouts are not exported",
     "train.save_best": "best.json always names the best checkpoint",
     "train.save_optimizer": "checkpoints always hold the optimizer state, so that a run resumes exactly",
@@ -143,6 +137,7 @@ def translate(data: dict, source: str | Path | None = None) -> Translation:
                          "corpus); add one, or pass prompts to train() in Python as to trlx.train()")
     _translate_model_and_tokenizer(data, out)
     _translate_method(method, out)
+    _translate_tracking(train, out)
     if "mixed_precision" not in train:  # trlX has no such key: its precision comes from accelerate's config
         out.notes.append("train.mixed_precision unset -> auto: forward passes in bf16 where the GPU or CPU computes "
                          "it natively (weights, optimizer and PPO math stay float32); set it to `no` for float32 "
@@ -208,6 +203,42 @@ def _translate_method(method: dict, out: Translation) -> None:
         out.notes.append("cliprange_reward 0 -> scores are not clipped (as in trlX)")
     if method.get("gen_experience_kwargs") is not None:
         out.notes.append("gen_experience_kwargs sample the rollouts; gen_kwargs are used for evaluation")
+
+
+def _translate_tracking(train: dict, out: Translation) -> None:
+    """tracker, logging_dir, project_name, entity_name, group_name and tags keep their names and meanings (here: any
+    of tensorboard, wandb, mlflow and aim). trlX writes `tracker: wandb` into every config as its default, so a
+    tracker not installed here is a note, not a refusal: the run logs to the default (TensorBoard where installed)."""
+    from services.trainer.trackers import INSTALL_HINT, missing_trackers, parse_names
+
+    for key in ("logging_dir", "entity_name", "group_name", "tags"):
+        if key in train and train[key] is None:
+            del train[key]  # null is this project's default too
+    if "logging_dir" in train:
+        out.notes.append(f"logging_dir {train['logging_dir']!r} -> tracker files under it (tensorboard/<run_name>, "
+                         "wandb/, mlflow/, aim/) instead of the run folder")
+    if "tracker" not in train:
+        return
+    raw = train["tracker"]
+    try:
+        names = parse_names(raw)
+    except ValueError as exc:
+        raise TrlxConfigError(f"train.tracker: {exc}") from None
+    missing = missing_trackers(names)
+    if not missing:
+        train["tracker"] = names
+        offline = "; W&B logs offline without credentials" if "wandb" in names else ""
+        out.notes.append(f"tracker {raw!r} -> " + (f"{', '.join(names)} (project {train.get('project_name', 'rlhf')!r}"
+                         f"{offline})" if names else "none: metrics.jsonl only"))
+        return
+    kept = [n for n in names if n not in missing]
+    if kept:
+        train["tracker"] = kept
+    else:
+        del train["tracker"]
+    out.notes.append(f"tracker {raw!r}: {', '.join(missing)} not installed here, so the run logs to metrics.jsonl and "
+                     f"{', '.join(kept) or 'TensorBoard where installed'} ({INSTALL_HINT} to log to "
+                     f"{', '.join(missing)} too)")
 
 
 def _points(interval: float, iterations: int, shown: int = 6) -> str:

@@ -95,9 +95,11 @@ def _mean(values: list[float]) -> float:
 class Run:
     def __init__(self, spec: dict, stop: threading.Event, events: Events):
         from services.trainer.config import TrainerConfig
+        from services.trainer.trackers import SKIP_PACKAGE_CHECK
 
         self.spec, self.stop, self.events = spec, stop, events
-        self.config = TrainerConfig(**spec["config"])
+        # re-read in the trlX environment, which has no tracking packages: the parent checked them
+        self.config = TrainerConfig.model_validate(spec["config"], context={SKIP_PACKAGE_CHECK: True})
         self.root = Path(spec["checkpoint_root"])
         self.run_dir = self.root / self.config.train.run_name
         self.template = Path(spec["template"])
@@ -152,7 +154,7 @@ class Run:
         make_trainer_class(self)
         config = TRLConfig.from_dict(json.loads(json.dumps(self.spec["trlx_config"])))
         self.reward = remote_reward_fn(self.config.reward, stop=self.stop)
-        self.metrics = MetricsLog(self.run_dir, 0, self.config.train.tensorboard)
+        self.metrics = MetricsLog(self.run_dir, 0)
         self.events.emit(type="state", state="running")
         try:
             trlx.train(reward_fn=self.reward_fn, prompts=self.spec["prompts"], eval_prompts=self.spec["eval_prompts"],

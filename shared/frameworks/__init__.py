@@ -12,11 +12,19 @@ from an environment that has TRL 1.x or veRL and this project installed beside i
 from __future__ import annotations
 
 import os
+from typing import TypedDict
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def env_settings() -> dict[str, str | None]:
+class RewardEnv(TypedDict):
+    url: str  # never unset: DEFAULT_URL
+    label: str | None
+    model: str | None
+    api_key: str | None
+
+
+def env_settings() -> RewardEnv:
     """Where the service is and what to score, from the environment (the same names as `rlhf score`):
     RLHF_REWARD_URL, RLHF_REWARD_LABEL, RLHF_REWARD_MODEL, and the scoring key REWARD_API_KEY (or RLHF_API_KEY)."""
     return {

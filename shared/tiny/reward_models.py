@@ -45,7 +45,8 @@ def _unit_head(linear: torch.nn.Linear, seed: int) -> None:
 def write_scalar(tmp: Path, sentiment: Path, texts: list[str]) -> None:
     two = DistilBertForSequenceClassification.from_pretrained(sentiment)
     tokenizer = AutoTokenizer.from_pretrained(sentiment)
-    pos, neg = two.config.label2id["POSITIVE"], two.config.label2id["NEGATIVE"]
+    label2id = two.config.label2id or {}
+    pos, neg = int(label2id["POSITIVE"]), int(label2id["NEGATIVE"])
     config = two.config.__class__.from_dict({**two.config.to_dict(), "id2label": {0: "LABEL_0"},
                                              "label2id": {"LABEL_0": 0}})
     model = DistilBertForSequenceClassification(config).eval()
@@ -67,7 +68,7 @@ def write_pair(tmp: Path, sentiment: Path, seed: int) -> None:
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=tokenizer.model_max_length, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
-        num_labels=1, initializer_range=0.1,
+        id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0}, initializer_range=0.1,  # one label: a scalar head
     )
     model = BertForSequenceClassification(config).eval()
     _unit_head(model.classifier, seed)
@@ -98,7 +99,7 @@ def write_chat(tmp: Path, policy: Path, seed: int) -> None:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, num_labels=1, id2label={0: "reward"}, label2id={"reward": 0},
+        pad_token_id=tokenizer.pad_token_id, id2label={0: "reward"}, label2id={"reward": 0},
         tie_word_embeddings=False, initializer_range=0.1,
     )
     model = LlamaForSequenceClassification(config).eval()

@@ -64,7 +64,7 @@ def test_a_trlx_config_file_and_reward_fn_train_here(tiny_kit, tmp_path, caplog)
     assert (status.state, status.step) == ("finished", 3)
     said = caplog.text
     assert "total_steps 10 optimizer steps" in said and "3 PPO iterations" in said
-    assert "keys with no effect here" in said and "train.tracker" in said
+    assert "keys with no effect here" in said and "train.pipeline" in said
     run = tmp_path / "ckpts" / "ppo_trlx"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # eval_interval 6 optimizer steps = 1.5 iterations: trlX evaluates at steps 6 and 12 (iterations 2 and 3),

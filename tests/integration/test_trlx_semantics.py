@@ -398,7 +398,7 @@ def test_linear_scheduler_steps_once_per_optimizer_step(tiny_kit, monkeypatch):
     trainer, _ = build(tiny_gpt2(tiny_kit), "scheduler.name=linear", f"train.total_steps={total}")
     spi = trainer.config.optimizer_steps_per_iteration
     assert spi == 2 * 16 // 8 == 4
-    lr0 = trainer.config.optimizer.kwargs["lr"]
+    lr0 = trainer.config.optimizer.kwargs.lr
     used: list[float] = []
     step = trainer.optimizer.step
 

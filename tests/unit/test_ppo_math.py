@@ -142,7 +142,8 @@ def test_clipped_losses_match_a_token_loop():
     lp = old_lp + torch.randn(3, 5) * 0.4  # ratios well outside [0.8, 1.2] for some tokens
     old_v, v = torch.randn(3, 5), torch.randn(3, 5)
     adv, ret = torch.randn(3, 5), torch.randn(3, 5)
-    loss, stats = ppo_losses(lp, v, old_lp, old_v, adv, ret, mask, cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+    loss, stats = ppo_losses(logprobs=lp, values=v, old_logprobs=old_lp, old_values=old_v, advantages=adv, returns=ret,
+                             mask=mask, cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
     ref = loop_losses(lp.tolist(), v.tolist(), old_lp.tolist(), old_v.tolist(), adv.tolist(), ret.tolist(),
                       lengths, 0.2, 0.2, 0.5)
     assert loss.item() == pytest.approx(ref[0], abs=1e-5)
@@ -157,7 +158,8 @@ def test_losses_at_the_old_policy_are_the_plain_objectives():
     adv = torch.tensor([[1.0, 3.0]])
     v = torch.tensor([[0.5, 0.5]])
     ret = torch.tensor([[1.5, -0.5]])
-    loss, stats = ppo_losses(lp, v, lp, v, adv, ret, torch.ones(1, 2), 0.2, 0.2, vf_coef=1.0)
+    loss, stats = ppo_losses(logprobs=lp, values=v, old_logprobs=lp, old_values=v, advantages=adv, returns=ret,
+                             mask=torch.ones(1, 2), cliprange=0.2, cliprange_value=0.2, vf_coef=1.0)
     assert stats.policy_loss == pytest.approx(-2.0)
     assert stats.value_loss == pytest.approx(0.5 * (1.0 + 1.0) / 2)
     assert stats.approx_kl == 0 and stats.policy_clipfrac == 0 and stats.ratio_mean == pytest.approx(1)
@@ -167,10 +169,18 @@ def test_losses_at_the_old_policy_are_the_plain_objectives():
 def test_policy_gradient_is_zero_once_the_ratio_is_clipped_in_the_advantage_direction():
     old = torch.tensor([[-1.0]])
     lp = torch.tensor([[-1.0 + math.log(1.5)]], requires_grad=True)  # ratio 1.5 > 1.2
-    loss, _ = ppo_losses(lp, torch.zeros(1, 1), old, torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1),
-                         torch.ones(1, 1), 0.2, 0.2, vf_coef=0.0)
+    loss, _ = ppo_losses(logprobs=lp, values=torch.zeros(1, 1), old_logprobs=old, old_values=torch.zeros(1, 1),
+                         advantages=torch.ones(1, 1), returns=torch.zeros(1, 1), mask=torch.ones(1, 1), cliprange=0.2,
+                         cliprange_value=0.2, vf_coef=0.0)
     loss.backward()
     assert lp.grad.item() == 0.0
+
+
+def test_losses_take_keywords_only():
+    # seven same-shaped tensors: by position, a swapped pair would compute a plausible, wrong loss
+    x = torch.zeros(1, 1)
+    with pytest.raises(TypeError, match="positional"):
+        ppo_losses(x, x, x, x, x, x, x, 0.2, 0.2, 1.0)
 
 
 def test_logprobs_and_entropy_by_hand():

@@ -63,8 +63,9 @@ def test_clipped_losses_match_trl(seed):
     logits = torch.randn(*b["values"].shape, 11)
     pg, vf, stats = PPOTrainer.loss(trl, b["old_logprobs"], b["values"], logits, b["vpreds"], b["logprobs"],
                                     b["mask"], advantages, returns)
-    loss, ours = ppo_losses(b["logprobs"], b["vpreds"], b["old_logprobs"], b["values"], advantages, returns,
-                            b["mask"], cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
+    loss, ours = ppo_losses(logprobs=b["logprobs"], values=b["vpreds"], old_logprobs=b["old_logprobs"],
+                            old_values=b["values"], advantages=advantages, returns=returns, mask=b["mask"],
+                            cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)
     assert ours.policy_loss == pytest.approx(pg.item(), abs=1e-6)
     assert 0.5 * ours.value_loss == pytest.approx(vf.item(), abs=1e-6)
     assert loss.item() == pytest.approx((pg + vf).item(), abs=1e-6)

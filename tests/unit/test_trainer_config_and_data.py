@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.trainer.config import load_config
+from services.trainer.config import AdamKwargs, CosineAnnealingKwargs, load_config
 from services.trainer.data import DataError, PromptSampler, first_words, load_texts, make_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,8 @@ def test_real_preset_carries_trlx_defaults():
         (128, 128, 4, 0.001, None, 10000)
     assert (m.gamma, m.lam, m.cliprange, m.cliprange_value, m.vf_coef, m.cliprange_reward) == \
         (1.0, 0.95, 0.2, 0.2, 1.0, 10)
-    assert cfg.optimizer.kwargs == {"lr": 3.0e-5, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 1.0e-6}
+    assert cfg.optimizer.kwargs == AdamKwargs(lr=3.0e-5, betas=(0.9, 0.95), eps=1.0e-8, weight_decay=1.0e-6)
+    assert cfg.scheduler.kwargs == CosineAnnealingKwargs(T_max=10**12, eta_min=3.0e-5)
     assert (m.gen_kwargs.max_new_tokens, m.gen_kwargs.top_k, m.gen_kwargs.top_p, m.gen_kwargs.do_sample) == \
         (40, 0, 1.0, True)
 
@@ -42,7 +43,7 @@ def test_overrides_and_environment(monkeypatch):
     assert cfg.model.model_path == "/kits/tiny/tiny-gpt2"
     assert (cfg.reward.url, cfg.reward.model, str(cfg.train.checkpoint_dir)) == ("http://reward:8000", "three", "/ckpt")
     assert (cfg.train.total_steps, cfg.train.seed, cfg.data.prompt_words) == (7, 3, (2, 4))
-    assert cfg.optimizer.kwargs["lr"] == pytest.approx(1e-4)
+    assert cfg.optimizer.kwargs.lr == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -105,7 +105,7 @@ def test_scale_reward_passes_only_what_trlx_acts_on(value, expected):
 
 def test_schedulers_count_optimizer_steps_with_the_project_defaults_written_out():
     cosine = trlx_config(tiny("train.total_steps=10", "scheduler.name=cosine_annealing"), "m", "t", "c")
-    assert cosine["scheduler"] == {"name": "cosine_annealing", "kwargs": {"T_max": 160}}
+    assert cosine["scheduler"] == {"name": "cosine_annealing", "kwargs": {"T_max": 160, "eta_min": 0.0}}
     cosine = trlx_config(tiny("scheduler.name=cosine_annealing", "scheduler.kwargs.T_max=50",
                               "scheduler.kwargs.eta_min=1e-6"), "m", "t", "c")
     assert cosine["scheduler"]["kwargs"] == {"T_max": 50, "eta_min": 1e-6}  # already optimizer steps: as they are

@@ -14,11 +14,12 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from services.trainer import trlx_format
+from services.trainer import trackers, trlx_format
 from services.trainer.config import expand_env, load_config
 from services.trainer.trlx_format import IGNORED, TrlxConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
+TRACKING_KEYS = ("tracker", "logging_dir", "project_name", "entity_name", "group_name", "tags")
 TRLX_SECTIONS = ("method", "model", "optimizer", "scheduler", "tokenizer", "train")
 
 # trlX's `default_ppo_config().to_dict()` at CarperAI/trlx 3340c2f (trlx/data/default_configs.py), keys in to_dict
@@ -126,9 +127,9 @@ def test_default_ppo_config_translates(source, default_yaml):
     assert (method.gamma, method.lam, method.cliprange, method.cliprange_value, method.vf_coef,
             method.cliprange_reward, method.ref_mean, method.ref_std) == (1, 0.95, 0.2, 0.2, 1, 10, None, None)
     assert config.optimizer.name == "adamw"
-    assert as_yaml_data(config.optimizer.kwargs) == as_yaml_data(TRLX_DEFAULT_PPO["optimizer"]["kwargs"])
+    assert as_yaml_data(config.optimizer.torch_kwargs()) == as_yaml_data(TRLX_DEFAULT_PPO["optimizer"]["kwargs"])
     assert config.scheduler.name == "cosine_annealing"
-    assert config.scheduler.kwargs == TRLX_DEFAULT_PPO["scheduler"]["kwargs"]
+    assert config.scheduler.kwargs.model_dump() == TRLX_DEFAULT_PPO["scheduler"]["kwargs"]
     gen = method.gen_kwargs
     assert (gen.max_new_tokens, gen.top_k, gen.top_p, gen.do_sample) == (40, 0, 1.0, True)
     assert method.gen_experience_kwargs is None and method.rollout_kwargs is gen
@@ -187,23 +188,25 @@ def test_one_warning_lists_every_trlx_only_key(default_yaml, caplog):
     message = warnings[0].getMessage()
     for key in present:
         assert key in message, key
-    for key in ("train.pipeline", "train.trainer", "train.tracker", "train.logging_dir", "train.project_name"):
+    for key in ("train.pipeline", "train.trainer", "train.rollout_logging_dir", "train.save_best"):
         assert key in message
+    for key in TRACKING_KEYS:  # translated: see test_tracking_keys_keep_their_meaning
+        assert f"train.{key}" not in message
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(infos) == len(config.translation.notes)
     assert all(m.startswith("trlX config: ") for m in infos)
 
 
 def test_warning_lists_only_the_keys_the_file_has(caplog):
-    data = trlx_dict(train__tracker=..., train__logging_dir=..., train__tags=...)
+    data = trlx_dict(train__rollout_logging_dir=..., train__save_best=..., train__minibatch_size=...)
     config = load_config(None, base=data)
-    assert "train.tracker" not in config.translation.ignored
+    assert "train.rollout_logging_dir" not in config.translation.ignored
     assert "train.pipeline" in config.translation.ignored
     logger = logging.getLogger("test_trlx_format")
     with caplog.at_level(logging.INFO, logger="test_trlx_format"):
         config.translation.log(logger)
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "train.tracker" not in warning.getMessage() and "train.pipeline" in warning.getMessage()
+    assert "train.rollout_logging_dir" not in warning.getMessage() and "train.pipeline" in warning.getMessage()
 
 
 # 3. total_steps within epochs (with and without a remainder), and capped by epochs.
@@ -357,7 +360,7 @@ def test_method_name_any_case(name):
 ])
 def test_optimizer_variants(name, kwargs, cls):
     config = load_config(None, base=trlx_dict(optimizer={"name": name, "kwargs": kwargs}))
-    assert config.optimizer.name == name.lower() and config.optimizer.kwargs == kwargs
+    assert config.optimizer.name == name.lower() and as_yaml_data(config.optimizer.torch_kwargs()) == kwargs
     assert isinstance(config.optimizer.build([torch.nn.Parameter(torch.zeros(1))]), cls)
 
 
@@ -370,7 +373,7 @@ def test_optimizer_kwargs_that_do_not_fit_are_refused():
 def test_linear_scheduler_with_trlx_linearlr_kwargs():
     kwargs = {"start_factor": 1.0, "end_factor": 0.1, "total_iters": 1600}
     config = load_config(None, base=trlx_dict(scheduler={"name": "linear", "kwargs": kwargs}))
-    assert config.scheduler.name == "linear" and config.scheduler.kwargs == kwargs
+    assert config.scheduler.name == "linear" and config.scheduler.kwargs.model_dump() == kwargs
     optimizer = config.optimizer.build([torch.nn.Parameter(torch.zeros(1))])
     scheduler = config.scheduler.build(optimizer, 1600)
     assert isinstance(scheduler, torch.optim.lr_scheduler.LinearLR)
@@ -493,7 +496,7 @@ def test_native_file_is_not_translated(monkeypatch):
     assert not trlx_format.is_trlx_config(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()))
 
 
-@pytest.mark.parametrize("key", ["bogus", "tracker", "project_name"])
+@pytest.mark.parametrize("key", ["bogus", "rollout_logging_dir", "save_best"])
 def test_native_file_with_an_unknown_key_fails_validation(key):
     base = {"model": {"model_path": "x"}, "train": {"total_steps": 3, key: "wandb"}}
     with pytest.raises(ValidationError, match=key):
@@ -505,3 +508,46 @@ def test_each_marker_makes_a_file_trlx(marker):
     assert trlx_format.is_trlx_config({"train": {marker: 1}})
     assert not trlx_format.is_trlx_config({"train": {"total_steps": 1}})
     assert not trlx_format.is_trlx_config({"train": None})
+
+
+# 10. trlX's tracking keys: tracker (any of this project's four), logging_dir, project_name, entity_name, group_name
+# and tags keep their names and meanings.
+
+def test_tracking_keys_keep_their_meaning(monkeypatch, tmp_path):
+    monkeypatch.setattr(trackers, "installed", lambda name: True)
+    config = load_config(None, base=trlx_dict(
+        train__tracker="tensorboard", train__logging_dir=str(tmp_path / "logs"), train__project_name="sentiments",
+        train__entity_name="team", train__group_name="sweep-1", train__tags=["gpt2", "imdb"]))
+    t = config.train
+    assert (t.tracker, t.logging_dir, t.project_name) == (["tensorboard"], tmp_path / "logs", "sentiments")
+    assert (t.entity_name, t.group_name, t.tags) == ("team", "sweep-1", ["gpt2", "imdb"])
+    assert not set(config.translation.ignored) & {f"train.{key}" for key in TRACKING_KEYS}
+    assert any("tracker 'tensorboard' -> tensorboard (project 'sentiments'" in n for n in config.translation.notes)
+    assert any("logging_dir" in n and "tensorboard/<run_name>" in n for n in config.translation.notes)
+
+
+def test_trlx_default_tracker_wandb_logs_to_wandb(monkeypatch):
+    monkeypatch.setattr(trackers, "installed", lambda name: True)
+    config = load_config(None, base=trlx_dict())
+    assert config.train.tracker == ["wandb"] and config.train.project_name == "trlx"
+    assert config.train.logging_dir is None and config.train.entity_name is None and config.train.tags == []
+
+
+def test_trlx_tracker_null_is_no_tracker():
+    assert load_config(None, base=trlx_dict(train__tracker=None)).train.tracker == []
+
+
+def test_a_trlx_tracker_not_installed_here_is_a_note_not_a_refusal(monkeypatch):
+    """trlX writes `tracker: wandb` into every config (its default): without wandb the run still starts."""
+    monkeypatch.setattr(trackers, "installed", lambda name: name != "wandb")
+    config = load_config(None, base=trlx_dict())
+    assert config.train.tracker == ["tensorboard"]  # this project's default
+    (note,) = [n for n in config.translation.notes if n.startswith("tracker 'wandb'")]
+    assert "wandb not installed here" in note and trackers.INSTALL_HINT in note
+    both = load_config(None, base=trlx_dict(train__tracker="mlflow,wandb"))
+    assert both.train.tracker == ["mlflow"]
+
+
+def test_a_trlx_tracker_unknown_here_is_refused():
+    with pytest.raises(TrlxConfigError, match="train.tracker: unknown tracker 'comet_ml'"):
+        load_config(None, base=trlx_dict(train__tracker="comet_ml"))
