@@ -34,6 +34,7 @@ test: tiny
 
 lint: venv
 	$(BIN)/ruff check services shared tests bench
+	$(BIN)/mypy shared/ services/trainer/ppo.py
 
 tiny: venv
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf models build-tiny --out $(RLHF_TINY_DIR)
@@ -41,9 +42,10 @@ tiny: venv
 serve: tiny
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf reward serve --model $(RLHF_TINY_DIR)/tiny-sentiment --port 8000
 
-# The whole system as local processes on the tiny preset, with the report at the end (runs/tiny/report.md).
-demo: tiny
-	HF_HUB_OFFLINE=1 $(BIN)/rlhf up --preset tiny
+# The whole system as local processes on the tiny preset: builds the kit when missing (with its progress), trains,
+# writes the report (runs/tiny/report.md), then keeps the services serving for the commands it prints; Ctrl-C stops.
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf up --preset tiny --keep-serving
 
 # The tiny preset end to end: a reward service in the background, PPO in the foreground, the service stopped after.
 train: tiny

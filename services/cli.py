@@ -36,36 +36,50 @@ def up_command(
     preset: Annotated[str, typer.Option(help="tiny (offline, CPU, minutes) or imdb (hub models).")] = "tiny",
     runs: Annotated[Path, typer.Option(help="Checkpoint root shared by trainer and generator.")] = Path("runs"),
     logs: Annotated[Path, typer.Option(help="One log per service.")] = Path("runs/logs"),
-    reward_port: Annotated[int, typer.Option(help="Reward service port.")] = 8000,
-    generator_port: Annotated[int, typer.Option(help="Generator service port.")] = 8001,
-    trainer_port: Annotated[int, typer.Option(help="Trainer service port.")] = 8002,
+    reward_port: Annotated[int, typer.Option(min=1, max=65535, help="Reward service port.")] = 8000,
+    generator_port: Annotated[int, typer.Option(min=1, max=65535, help="Generator service port.")] = 8001,
+    trainer_port: Annotated[int, typer.Option(min=1, max=65535, help="Trainer service port.")] = 8002,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Trainer config override (repeatable).")] = None,
+    reward_model: Annotated[str | None, typer.Option(
+        help="Reward model: a local folder or a hub id (default: the preset's).")] = None,
+    reward_label: Annotated[str | None, typer.Option(
+        help="Label whose probability is the reward, by name (default: the config's, else the preset's).")] = None,
+    policy_model: Annotated[str | None, typer.Option(
+        help="Policy to train and the generator's base: a local folder or a hub id (default: the config's).")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run folder under --runs (default: the config's).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Trainer YAML (default: the preset's).")] = None,
+    fresh: Annotated[bool, typer.Option(
+        help="Start the run over instead of resuming it (the old run's files are kept aside).")] = False,
+    keep_serving: Annotated[bool, typer.Option(
+        help="After training and the report, keep the services serving until Ctrl-C.")] = False,
     stop_grace: Annotated[float | None, typer.Option(
         "--stop-grace", envvar="RLHF_STOP_GRACE", min=0.1,
         help="Seconds a stop gives the trainer to finish its iteration and save.")] = None,
 ) -> None:
     """The whole system as local processes: reward, generator and trainer; a report when training ends."""
-    from services.launcher import presets, up
+    from services.launcher import UpOptions, up
 
-    if preset not in presets(Path(".")):
-        typer.echo(f"error: unknown preset {preset!r}; choose tiny or imdb", err=True)
-        raise typer.Exit(2)
-    code = up(preset, runs.resolve(), logs.resolve(), (reward_port, generator_port, trainer_port), overrides or [],
-              echo=lambda line: typer.echo(line, err=line.startswith("error")), stop_grace=stop_grace)
-    raise typer.Exit(code)
+    options = UpOptions(preset=preset, runs=runs.resolve(), log_dir=logs.resolve(),
+                        ports=(reward_port, generator_port, trainer_port), overrides=tuple(overrides or ()),
+                        reward_model=reward_model, reward_label=reward_label, policy_model=policy_model,
+                        run_name=run_name, config=config, fresh=fresh, keep_serving=keep_serving,
+                        stop_grace=stop_grace)
+    raise typer.Exit(up(options, echo=lambda line: typer.echo(line, err=line.startswith("error"))))
 
 
 @models_app.command("build-tiny")
 def build_tiny(
-    out: Annotated[Path, typer.Option(help="Folder for the kit (reused when already built).")] = Path(".cache/tiny"),
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for the kit, reused when already built (default: $RLHF_TINY_DIR, else .cache/tiny).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads for training.")] = 2,
 ) -> None:
     """Build the offline tiny kit: corpus, tiny GPT-2 policy, two tiny sentiment classifiers. Prints the report."""
     from shared.runtime import configure_torch
     from shared.tiny.build import build_tiny as build
+    from shared.tiny.kit import kit_dir
 
     configure_torch(threads)
-    report = build(out, threads=threads)
+    report = build(out or kit_dir(), threads=threads, progress=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(report, indent=2))
 
 

@@ -69,8 +69,11 @@ def _probe_any(http: httpx.Client, urls: list[str], timeout: float) -> str | Non
 
 def wait_until_ready(url: str | Sequence[str], timeout: float, *, path: str = "/readyz",
                      headers: dict | None = None, alive: Callable[[], None] | None = None,
-                     on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> None:
-    """Poll `url + path` with exponential backoff (0.2 s doubling to 5 s, with jitter) until it answers 200.
+                     on_wait: Callable[[str], None] | None = None, stop: threading.Event | None = None,
+                     max_delay: float | None = None) -> None:
+    """Poll `url + path` with exponential backoff (0.2 s doubling to 5 s, or `max_delay`, with jitter) until it
+    answers 200. A launcher that watches its own children passes a short `max_delay`: it should see them ready, or
+    dead, within a second.
 
     `url`: one base URL, or several (replicas, a list or comma-separated): until one of them is ready. `alive()`
     runs before each poll and raises when the process waited on has died. `on_wait(reason)` hears the reason
@@ -96,6 +99,6 @@ def wait_until_ready(url: str | Sequence[str], timeout: float, *, path: str = "/
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NotReady(f"{where} not ready after {timeout:.0f} s: {reason}")
-            if stop.wait(min(BACKOFF.delay(attempt), left)):
+            if stop.wait(min(BACKOFF.delay(attempt), max_delay or left, left)):
                 raise CallInterrupted(f"stopped while waiting for {where} to be ready ({reason})")
             attempt += 1

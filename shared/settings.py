@@ -63,16 +63,21 @@ def _merged(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe(exc: ValidationError | ValueError) -> str:
-    """One line: `field: problem; ...` for a ValidationError, else the error's own message."""
+def problems(exc: ValidationError | ValueError) -> list[str]:
+    """`field: problem` for each error of a ValidationError; else the error's own message, on one line."""
     if not isinstance(exc, ValidationError):
-        return " ".join(str(exc).split())
+        return [" ".join(str(exc).split())]
     parts = []
     for e in exc.errors():
         where = ".".join(str(x) for x in e.get("loc", ()))
         message = e.get("msg", "invalid").removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
+    return parts
+
+
+def describe(exc: ValidationError | ValueError) -> str:
+    """One line: `field: problem; ...` for a ValidationError, else the error's own message."""
+    return "; ".join(problems(exc))
 
 
 def or_exit(what: str, load: Callable[[], T]) -> T:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from services.trainer.config import DEFAULT_STOP_GRACE_S
+from services.trainer.config import DEFAULT_STOP_GRACE_S, run_flag_overrides
 from shared.logs import setup_logging
 from shared.settings import or_exit
 from shared.tiny.kit import ensure_built, kit_dir
@@ -23,12 +23,6 @@ FreshOption = Annotated[bool, typer.Option("--fresh", help="Start the run over f
                                            "old run folder is kept, moved aside to <run>.replaced-<UTC time>.")]
 RunNameOption = Annotated[Optional[str], typer.Option("--run-name", help="The run's folder under the checkpoint root "
                                                       "(train.run_name); another name starts another run.")]
-
-
-def run_overrides(overrides: list[str] | None, fresh: bool = False, run_name: str | None = None) -> list[str]:
-    """`--set` overrides plus what --fresh and --run-name mean, validated with the rest of the config."""
-    return [*(overrides or []), *(["train.resume=false"] if fresh else []),
-            *([f"train.run_name={run_name}"] if run_name else [])]
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -65,7 +59,7 @@ def train_command(config: ConfigOption, overrides: SetOption = None, fresh: Fres
     over, keeping the old run aside)."""
     from services.trainer.run import train
 
-    cfg = _load(config, run_overrides(overrides, fresh, run_name))
+    cfg = _load(config, [*(overrides or []), *run_flag_overrides(fresh, run_name)])
     _check_run(cfg)
     setup_logging("info")
     _ensure_tiny_kit(cfg)
@@ -99,7 +93,7 @@ def serve(
     from services.trainer.app import create_app
     from services.trainer.config import stop_grace_s
 
-    cfg = _load(config, run_overrides(overrides, fresh, run_name))
+    cfg = _load(config, [*(overrides or []), *run_flag_overrides(fresh, run_name)])
     setup_logging("info")
     _ensure_tiny_kit(cfg)
     application = create_app(cfg, api_key=api_key, stop_grace_s=stop_grace_s(stop_grace))

@@ -42,6 +42,11 @@ def stop_grace_s(value: float | None = None) -> float:
     return grace
 
 
+def run_flag_overrides(fresh: bool = False, run_name: str | None = None) -> list[str]:
+    """What `--fresh` and `--run-name` (rlhf train, trainer serve, up) mean, as overrides validated with the rest."""
+    return [*(["train.resume=false"] if fresh else []), *([f"train.run_name={run_name}"] if run_name else [])]
+
+
 def key_or_env(key: str | None, variable: str) -> str | None:
     """A client key from the config, else from the environment (compose sets it in the trainer's container)."""
     return key or os.environ.get(variable) or None

@@ -131,14 +131,18 @@ def plot(metrics: list[dict], out: Path) -> None:
     top.plot([m["step"] for m in rollouts], [m["rollout/reward_mean"] for m in rollouts], label="rollout reward")
     top.plot([m["step"] for m in evals], [m["eval/reward_mean"] for m in evals], "o-", label="eval reward")
     top.set_ylabel("mean reward")
-    top.legend()
-    top.grid(alpha=0.3)
     bottom.plot([m["step"] for m in rollouts], [m["objective/kl"] for m in rollouts], label="rollout KL")
     bottom.plot([m["step"] for m in evals], [m["eval/kl"] for m in evals], "o-", label="eval KL")
     bottom.set_ylabel("KL to reference (nats)")
     bottom.set_xlabel("PPO iteration")
-    bottom.legend()
-    bottom.grid(alpha=0.3)
+    _save(plt, fig, out, top, bottom)
+
+
+def _save(plt, fig, out: Path, *axes) -> None:
+    """Legend and grid on each of `axes`, then the figure to `out` (closed: a long-lived trainer must not leak)."""
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -172,11 +176,7 @@ def plot_reward_kl(metrics: list[dict], out: Path, examples_step: int | None = N
     fig.colorbar(shown, ax=ax, label="PPO iteration")
     ax.set_xlabel("KL to reference (nats)")
     ax.set_ylabel("mean reward")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out, ax)
 
 
 def _cell(text: str) -> str:

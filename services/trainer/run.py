@@ -112,6 +112,8 @@ def _already_finished(config: TrainerConfig, status: TrainingStatus) -> bool:
         status.state, status.message = "finished", str(done)
         status.step = status.start_step = done.step or 0
         status.last_checkpoint, status.best_checkpoint = done.checkpoint, done.best
+        report = config.run_dir / "report.md"
+        status.report = str(report) if report.exists() else None
         return True
     return False
 
@@ -126,7 +128,7 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
         check_trlx_config(config, reward_fn)
         run_trlx(config, prompts, eval_prompts, status, on_step)
         if status.state == "finished" and config.generator.url:
-            report_run(config)
+            report_run(config, status)
         return
     configure_torch(t.torch_threads)
     mixed = precision.resolve(t.mixed_precision)
@@ -166,9 +168,9 @@ def _train(config, reward_fn, prompts, eval_prompts, status: TrainingStatus, on_
     progress = _progress(main, status)
     try:
         if _run_steps(trainer, config, status, accelerator, metrics, on_step, progress):
-            status.state = "finished"
             if main and config.generator.url:
-                report_run(config)
+                report_run(config, status)
+            status.state = "finished"  # after the report: whoever waits for "finished" finds it written
         else:
             status.state = "stopped"
     finally:
@@ -264,8 +266,9 @@ def _resume(config: TrainerConfig, status: TrainingStatus, accelerator, build) -
     return None
 
 
-def report_run(config: TrainerConfig) -> None:
-    """The end-of-run report, through the generator and reward services; a failure here costs no training."""
+def report_run(config: TrainerConfig, status: TrainingStatus) -> None:
+    """The end-of-run report, through the generator and reward services, its path (or why it failed) in `status`; a
+    failure here costs no training."""
     from shared.clients import GeneratorClient, RetryPolicy, RewardClient
 
     retry = RetryPolicy(max_retries=3)
@@ -275,8 +278,10 @@ def report_run(config: TrainerConfig) -> None:
                 GeneratorClient(config.generator.url, api_key=config.generator.api_key, retry=retry) as generator:
             path = write_report(config.run_dir, reward, generator)
         log.info("report written to %s", path)
+        status.report = str(path)
     except Exception as exc:  # noqa: BLE001
-        log.error("could not write the report: %s", exc)
+        status.report_error = f"{type(exc).__name__}: {exc}"
+        log.error("could not write the report: %s", status.report_error)
 
 
 def _progress(main: bool, status: TrainingStatus):

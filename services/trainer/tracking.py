@@ -124,6 +124,8 @@ class TrainingStatus:
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     iteration_seconds: float | None = None
+    report: str | None = None  # the end-of-run report's path once written (a finished run's state comes after it)
+    report_error: str | None = None  # why the report could not be written
     stop_requested: threading.Event = field(default_factory=threading.Event)
     history: list[dict] = field(default_factory=list)  # the run's metrics records, earlier processes' included
     # The newest evaluation's samples ({step, prompt, completion, score} each), restored from eval_samples.jsonl on
@@ -139,4 +141,5 @@ class TrainingStatus:
         return {"state": self.state, "step": self.step, "total": self.total, "reward_mean": self.reward_mean,
                 "eval_reward_mean": self.eval_reward_mean, "kl": self.kl, "last_checkpoint": self.last_checkpoint,
                 "best_checkpoint": self.best_checkpoint, "eta_seconds": self.eta_seconds(), "message": self.message,
-                "error": self.error, "elapsed_seconds": time.time() - self.started_at}
+                "error": self.error, "elapsed_seconds": time.time() - self.started_at, "report": self.report,
+                "report_error": self.report_error}

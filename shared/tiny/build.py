@@ -10,11 +10,13 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from shared.tiny.corpus import make_corpus, read_jsonl, write_jsonl
 from shared.tiny.reward_models import write_chat, write_gpt2, write_pair, write_scalar
@@ -38,16 +40,50 @@ SENTIMENT_3_LABELS = {0: "positive", 1: "negative", 2: "neutral"}
 SENTIMENT_3_TARGETS = {"positive": [1.0, 0.0, 0.0], "negative": [0.0, 1.0, 0.0], "neutral": [0.0, 0.0, 1.0]}
 
 
-def _atomic_dir(out: Path, name: str, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` unless `out/name` exists; then rename tmp -> out/name (the rename is the commit)."""
+Progress = Callable[[str], None]
+
+
+def print_progress(line: str) -> None:
+    print(line, flush=True)  # flushed: the build takes minutes and its reader may be a pipe
+
+
+@contextmanager
+def _stage(progress: Progress, what: str) -> Iterator[None]:
+    """One line as `what` starts and one as it ends, with its seconds: a two-minute build never looks stuck."""
+    progress(f"[kit] {what} ...")
+    started = time.perf_counter()
+    yield
+    progress(f"[kit] {what} done in {time.perf_counter() - started:.1f} s")
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers' per-model load and save bars would bury the stage lines among dozens of their own."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _atomic_dir(out: Path, name: str, write: Callable[[Path], None], progress: Progress | None = None,
+                what: str = "") -> Path:
+    """Run `write(tmp)` unless `out/name` exists; then rename tmp -> out/name (the rename is the commit).
+    `progress` (silent when None) hears the start and end of `write`, or that the folder was already built."""
     final = out / name
+    label = f"{name} {what}".strip()
+    progress = progress or (lambda _line: None)
     if final.exists():
         log.info("reusing %s", final)
+        progress(f"[kit] {label}: already built")
         return final
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    with _stage(progress, label):
+        write(tmp)
     tmp.rename(final)
     return final
 
@@ -70,8 +106,14 @@ def sample_policy(model, tokenizer, prompts: list[str], max_new_tokens: int, see
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
-def build_tiny(out: Path, threads: int = 2) -> dict:
-    """Build (or reuse) the whole kit under `out` and return the report, also written to `out/report.json`."""
+def build_tiny(out: Path, threads: int = 2, progress: Progress = print_progress) -> dict:
+    """Build (or reuse) the whole kit under `out` and return the report, also written to `out/report.json`.
+    `progress` hears a line as each stage starts and ends."""
+    with _no_loading_bars():
+        return _build(out, threads, progress)
+
+
+def _build(out: Path, threads: int, progress: Progress) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,47 +122,56 @@ def build_tiny(out: Path, threads: int = 2) -> dict:
         write_jsonl(make_corpus(TRAIN_SIZE, SEED), tmp / "train.jsonl")
         write_jsonl(make_corpus(HELDOUT_SIZE, SEED + 1), tmp / "heldout.jsonl")
 
-    corpus = _atomic_dir(out, "corpus", write_corpus)
+    corpus = _atomic_dir(out, "corpus", write_corpus, progress)
     train, heldout = read_jsonl(corpus / "train.jsonl"), read_jsonl(corpus / "heldout.jsonl")
     texts = [r.text for r in train]
 
     def write_policy(tmp: Path) -> None:
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=1024, max_length=MAX_LENGTH)
+        with _stage(progress, f"{POLICY} tokenizer"):
+            tokenizer = train_bpe_tokenizer(texts, vocab_size=1024, max_length=MAX_LENGTH)
         train_policy(train, tokenizer, epochs=4, seed=SEED).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    def classifier_writer(id2label: dict[int, str], targets: dict[str, list[float]]) -> Callable[[Path], None]:
+    def classifier_writer(name: str, id2label: dict[int, str],
+                          targets: dict[str, list[float]]) -> Callable[[Path], None]:
         def write(tmp: Path) -> None:
-            tokenizer = train_wordpiece_tokenizer(texts, vocab_size=1024, max_length=MAX_LENGTH)
+            with _stage(progress, f"{name} tokenizer"):
+                tokenizer = train_wordpiece_tokenizer(texts, vocab_size=1024, max_length=MAX_LENGTH)
             model = train_classifier(train, tokenizer, id2label=id2label, targets=targets, epochs=6, seed=SEED)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         return write
 
     paths = {
-        POLICY: _atomic_dir(out, POLICY, write_policy),
-        SENTIMENT: _atomic_dir(out, SENTIMENT, classifier_writer(SENTIMENT_LABELS, SENTIMENT_TARGETS)),
-        SENTIMENT_3: _atomic_dir(out, SENTIMENT_3, classifier_writer(SENTIMENT_3_LABELS, SENTIMENT_3_TARGETS)),
+        POLICY: _atomic_dir(out, POLICY, write_policy, progress, "policy"),
+        SENTIMENT: _atomic_dir(out, SENTIMENT, classifier_writer(SENTIMENT, SENTIMENT_LABELS, SENTIMENT_TARGETS),
+                               progress, "classifier"),
+        SENTIMENT_3: _atomic_dir(out, SENTIMENT_3,
+                                 classifier_writer(SENTIMENT_3, SENTIMENT_3_LABELS, SENTIMENT_3_TARGETS),
+                                 progress, "classifier"),
     }
-    paths |= build_reward_models(out, heldout_texts=[r.text for r in heldout])
-    report = evaluate_kit(out, heldout=heldout)
+    paths |= build_reward_models(out, heldout_texts=[r.text for r in heldout], progress=progress)
+    with _stage(progress, "evaluation of the kit"):
+        report = evaluate_kit(out, heldout=heldout)
     report["build_seconds"] = round(time.perf_counter() - started, 1)
     report["paths"] = {k: str(v.resolve()) for k, v in paths.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def build_reward_models(out: Path, heldout_texts: list[str] | None = None) -> dict[str, Path]:
+def build_reward_models(out: Path, heldout_texts: list[str] | None = None,
+                        progress: Progress = print_progress) -> dict[str, Path]:
     """Build (or reuse) the reward-model kinds under `out`; needs the corpus, tiny-gpt2 and tiny-sentiment there."""
     if heldout_texts is None:
         heldout_texts = [r.text for r in read_jsonl(out / "corpus" / "heldout.jsonl")]
     policy, sentiment = out / POLICY, out / SENTIMENT
-    return {
-        REWARD_SCALAR: _atomic_dir(out, REWARD_SCALAR, lambda tmp: write_scalar(tmp, sentiment, heldout_texts)),
-        REWARD_PAIR: _atomic_dir(out, REWARD_PAIR, lambda tmp: write_pair(tmp, sentiment, SEED)),
-        REWARD_GPT2: _atomic_dir(out, REWARD_GPT2, lambda tmp: write_gpt2(tmp, policy, SEED)),
-        REWARD_CHAT: _atomic_dir(out, REWARD_CHAT, lambda tmp: write_chat(tmp, policy, SEED)),
+    writers = {
+        REWARD_SCALAR: lambda tmp: write_scalar(tmp, sentiment, heldout_texts),
+        REWARD_PAIR: lambda tmp: write_pair(tmp, sentiment, SEED),
+        REWARD_GPT2: lambda tmp: write_gpt2(tmp, policy, SEED),
+        REWARD_CHAT: lambda tmp: write_chat(tmp, policy, SEED),
     }
+    return {name: _atomic_dir(out, name, write, progress, "reward model") for name, write in writers.items()}
 
 
 def evaluate_kit(out: Path, heldout, n_samples: int = 256, max_new_tokens: int = 20) -> dict:

@@ -35,5 +35,5 @@ def ensure_built(kit: Path | None = None, echo: Callable[[str], None] = print, *
         from shared.tiny.build import build_tiny  # torch and transformers: only when there is work to do
 
         echo(f"building the tiny kit in {kit} (about 2 minutes, once)...")
-        build_tiny(kit)
+        build_tiny(kit, progress=echo)
     return kit
