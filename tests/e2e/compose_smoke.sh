@@ -2,6 +2,7 @@
 # Proves `docker compose up` on a machine with a Docker engine but no image registry:
 #   1. builds a local base image (a debootstrap Debian root with python3, imported with `docker import`),
 #   2. builds the three service images on it, and checks no image layer holds the build context,
+#   2b. a missing reward model: `docker compose up` fails within seconds with setup's reason; nothing else starts,
 #   3. runs the tiny preset through `docker compose up` (the tiny kit is built inside, into the model volume) with
 #      many PPO iterations, and at step 2 stops the trainer the way `docker compose stop` does (SIGTERM, then the
 #      grace period): it must exit 0 having saved a checkpoint of the step it reached,
@@ -80,6 +81,19 @@ say "checking the published ports (docker compose config)"
 check ports
 say "checking the images hold no build context (docker history, docker save)"
 check images rlhf-reward:smoke rlhf-generator:smoke rlhf-trainer:smoke
+
+# A model that cannot load: setup fails in seconds with the reason, and no service that depends on it starts (the
+# tiny kit it builds first stays in the model volume for the run below).
+say "docker compose up with a missing reward model: it must fail fast, with the reason"
+if REWARD_MODEL=/models/tiny/no-such-model dc up -d >/tmp/rlhf-failfast.log 2>&1; then
+  say "docker compose up succeeded with a missing reward model"; exit 1
+fi
+grep -q "didn't complete successfully" /tmp/rlhf-failfast.log || { cat /tmp/rlhf-failfast.log; exit 1; }
+dc logs setup 2>&1 | grep -q "the reward model '/models/tiny/no-such-model' cannot be loaded: model folder" \
+  || { say "setup did not say why"; dc logs setup; exit 1; }
+running=$(dc ps --services --filter status=running)
+[ -z "$running" ] || { say "started despite the failed setup: $running"; exit 1; }
+dc rm -fs >/dev/null 2>&1
 
 # Many iterations, so the trainer is mid-run when it is stopped.
 export TOTAL_STEPS=1000
