@@ -386,7 +386,11 @@ def learning(args, tiny: Path, reward_url: str) -> tuple[dict, dict]:
 
 # -- the speed part ----------------------------------------------------------------------------------------------------
 
-def speed(args, tiny: Path, reward_url: str) -> dict:
+SPEED_NAMES = {2: "unfrozen_2", -1: "full"}  # model.num_layers_unfrozen -> the report's key
+
+
+def speed_trainer(args, layers: int, model_dir: Path, reward_url: str, prompts: list[str], eval_prompts: list[str]):
+    """A native PPOTrainer with the speed settings, built as run.py builds one, `layers` top blocks training."""
     import torch
 
     from services.trainer.config import load_config
@@ -395,46 +399,51 @@ def speed(args, tiny: Path, reward_url: str) -> dict:
     from services.trainer.policy import PolicyWithValueHead, freeze_trunk, load_policy_and_tokenizer, make_reference
     from services.trainer.rewards import remote_reward_fn
 
+    s = args
+    config = load_config(REPO / "configs" / "tiny.yaml", [
+        f"model.model_path={model_dir}", f"reward.url={reward_url}", f"method.num_rollouts={s.speed_rollouts}",
+        f"method.chunk_size={s.speed_rollouts}", f"train.batch_size={s.speed_minibatch}",
+        f"method.ppo_epochs={s.speed_epochs}", f"method.gen_kwargs.max_new_tokens={s.speed_new_tokens}",
+        f"train.seed={args.seeds[0]}", f"train.torch_threads={args.threads}",
+        f"method.max_grad_norm={args.max_grad_norm}", f"model.num_layers_unfrozen={layers}"])
+    torch.manual_seed(config.train.seed)  # as run.py: before the value head is built
+    base, tokenizer = load_policy_and_tokenizer(str(model_dir))
+    reference = make_reference(base, layers)  # as run.py builds it
+    freeze_trunk(base, layers)
+    policy = PolicyWithValueHead(base, config.model.value_head_hidden)
+    trainer = PPOTrainer(config, policy, reference, tokenizer, remote_reward_fn(config.reward),
+                         PromptSampler(prompts, config.train.seed), eval_prompts)
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log(f"speed: num_layers_unfrozen={layers}: {type(reference).__name__}, {trained / 1e6:.1f} M trainable "
+        "parameters")
+    return trainer
+
+
+def timed_step(trainer, label: str) -> dict:
+    """One PPO iteration of `trainer`: its seconds by phase and its mean response length."""
+    gc.collect()
+    stats = trainer.step()
+    t = {k: stats[f"time/{k}"] for k in ("generate", "score", "forward", "update", "iteration")}
+    t["other"] = t["iteration"] - sum(t[k] for k in ("generate", "score", "forward", "update"))
+    t["response_tokens"] = stats["rollout/response_length"]
+    log(f"  {label}: {t['iteration']:.2f} s (generate {t['generate']:.2f} score {t['score']:.2f} "
+        f"forward {t['forward']:.2f} update {t['update']:.2f}); {t['response_tokens']:.1f} response tokens")
+    return t
+
+
+def speed(args, tiny: Path, reward_url: str) -> dict:
     model_dir = common.small_gpt2(tiny / "tiny-gpt2")
     facts = common.gpt2_facts(model_dir)
     prompts, eval_prompts = read_prompts(tiny, args.seeds[0], 4)
     s = args
-    trainers = {}
-    for layers in (2, -1):
-        config = load_config(REPO / "configs" / "tiny.yaml", [
-            f"model.model_path={model_dir}", f"reward.url={reward_url}", f"method.num_rollouts={s.speed_rollouts}",
-            f"method.chunk_size={s.speed_rollouts}", f"train.batch_size={s.speed_minibatch}",
-            f"method.ppo_epochs={s.speed_epochs}", f"method.gen_kwargs.max_new_tokens={s.speed_new_tokens}",
-            f"train.seed={args.seeds[0]}", f"train.torch_threads={args.threads}",
-            f"method.max_grad_norm={args.max_grad_norm}", f"model.num_layers_unfrozen={layers}"])
-        torch.manual_seed(config.train.seed)  # as run.py: before the value head is built
-        base, tokenizer = load_policy_and_tokenizer(str(model_dir))
-        reference = make_reference(base, layers)  # as run.py builds it
-        freeze_trunk(base, layers)
-        policy = PolicyWithValueHead(base, config.model.value_head_hidden)
-        trainers[layers] = PPOTrainer(config, policy, reference, tokenizer, remote_reward_fn(config.reward),
-                                      PromptSampler(prompts, config.train.seed), eval_prompts)
-        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        log(f"speed: num_layers_unfrozen={layers}: {type(reference).__name__}, {trained / 1e6:.1f} M trainable "
-            "parameters")
-    name = {2: "unfrozen_2", -1: "full"}
+    trainers = {layers: speed_trainer(args, layers, model_dir, reward_url, prompts, eval_prompts)
+                for layers in (2, -1)}
     samples: dict[int, list[dict]] = {2: [], -1: []}
-
-    def one(layers: int, label: str) -> dict:
-        gc.collect()
-        stats = trainers[layers].step()
-        t = {k: stats[f"time/{k}"] for k in ("generate", "score", "forward", "update", "iteration")}
-        t["other"] = t["iteration"] - sum(t[k] for k in ("generate", "score", "forward", "update"))
-        t["response_tokens"] = stats["rollout/response_length"]
-        log(f"  {label} {name[layers]}: {t['iteration']:.2f} s (generate {t['generate']:.2f} score {t['score']:.2f} "
-            f"forward {t['forward']:.2f} update {t['update']:.2f}); {t['response_tokens']:.1f} response tokens")
-        return t
-
     for layers in (2, -1):
-        one(layers, "warm-up")
+        timed_step(trainers[layers], f"warm-up {SPEED_NAMES[layers]}")
     for i in range(args.speed_iterations):
         for layers in ((2, -1) if i % 2 == 0 else (-1, 2)):
-            samples[layers].append(one(layers, f"iteration {i + 1}"))
+            samples[layers].append(timed_step(trainers[layers], f"iteration {i + 1} {SPEED_NAMES[layers]}"))
     means = {layers: {k: statistics.fmean(x[k] for x in v) for k in v[0]} for layers, v in samples.items()}
     ratio = means[-1]["iteration"] / means[2]["iteration"]
     log(f"speed: full {means[-1]['iteration']:.2f} s, unfrozen-2 {means[2]['iteration']:.2f} s: ratio {ratio:.2f}")
@@ -443,7 +452,7 @@ def speed(args, tiny: Path, reward_url: str) -> dict:
                      "max_new_tokens": s.speed_new_tokens, "warmup_iterations": 1,
                      "timed_iterations": s.speed_iterations,
                      "max_grad_norm": None if args.max_grad_norm == "null" else float(args.max_grad_norm)},
-        **{name[layers]: {k: rounded(v, 3) for k, v in m.items()}
+        **{SPEED_NAMES[layers]: {k: rounded(v, 3) for k, v in m.items()}
            | {"iterations_s": [rounded(x["iteration"], 3) for x in samples[layers]]} for layers, m in means.items()},
         "ratio_full_to_unfrozen_2": rounded(ratio, 3),
         "phase_ratio_full_to_unfrozen_2": {k: rounded(means[-1][k] / means[2][k], 3) if means[2][k] > 0 else NAN

@@ -342,36 +342,26 @@ def device_facts(cuda: bool) -> dict:
     return facts
 
 
-def main(argv: list[str]) -> None:
-    args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # train() takes a visible GPU; the reward service gets this too
-    common.prepare_process(args.threads)
-    import torch
+def quiet_logging() -> None:
+    """The trainer's own lines (the translation notes, its warnings) on stderr; no per-request or progress-bar lines."""
     import transformers
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(asctime)s] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")  # the trainer's own lines: the translation notes, its warnings
+                        datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per scoring request otherwise
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # load and save bars would bury the progress lines
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU visible")
-    started = time.perf_counter()
-    report = device_facts(cuda) | {"config": str(args.config), "overrides": args.overrides, "smoke": args.smoke,
-                                   "reward": args.reward, "reward_dtype": args.reward_dtype}
-    report["code"] = common.code_version()
-    report["load_avg_at_start"] = os.getloadavg()[0]
 
-    t = time.perf_counter()
-    kit = build_kit(args.kit_dir)
-    report["kit_s"] = rounded(time.perf_counter() - t, 1)
-    report["models"] = {"policy": str(kit["policy"]), "policy_params_millions": param_millions(kit["policy"]),
-                        "reward": str(kit["reward"]), "reward_params_millions": param_millions(kit["reward"])}
+
+def rehearse_preset(args, kit: dict[str, Path], report: dict, cuda: bool) -> tuple[dict, dict, list[int]]:
+    """The preset in a fresh run folder (nothing to resume from), scored as `--reward` says; adds the preset's
+    settings and the memory the reward side used to `report`. Returns the measured run, the full run's schedule and
+    the length of every text scored."""
+    import torch
+
     with tempfile.TemporaryDirectory(prefix="rlhf-rehearsal-") as tmp:
         work = Path(tmp)
-        config = load_preset(args, kit, work / "runs")  # a fresh run folder: nothing to resume from
+        config = load_preset(args, kit, work / "runs")
         full = schedule(config)
         report["preset"] = settings_of(config) | {"full_run": full}
         log(f"preset: {full['iterations']} PPO iterations, {full['evaluations']} evaluations, {full['checkpoints']} "
@@ -395,6 +385,13 @@ def main(argv: list[str]) -> None:
             if cuda:  # while the service still runs: every process on the GPU, the service's model too
                 free, total = torch.cuda.mem_get_info()
                 report["cuda_device_used_mb"] = cuda_mb(total - free)
+    return result, full, lengths
+
+
+def add_results(report: dict, result: dict, full: dict, lengths: list[int], cuda: bool) -> None:
+    """The measured run, its summary and projection, memory peaks and, on a GPU, the target, into `report`."""
+    import torch
+
     report["torch_threads"] = torch.get_num_threads()
     # The config's setting (train.mixed_precision, once the trainer has it) and what accelerate ran with.
     report["mixed_precision"] = {"config": report["preset"]["mixed_precision_config"],
@@ -408,11 +405,36 @@ def main(argv: list[str]) -> None:
         report["target_met"] = report["projected_full_run_s"] < TARGET_S
     else:
         report["target_met"] = None  # the target is about a GPU
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # train() takes a visible GPU; the reward service gets this too
+    common.prepare_process(args.threads)
+    import torch
+
+    quiet_logging()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
+    started = time.perf_counter()
+    report = device_facts(cuda) | {"config": str(args.config), "overrides": args.overrides, "smoke": args.smoke,
+                                   "reward": args.reward, "reward_dtype": args.reward_dtype}
+    report["code"] = common.code_version()
+    report["load_avg_at_start"] = os.getloadavg()[0]
+
+    t = time.perf_counter()
+    kit = build_kit(args.kit_dir)
+    report["kit_s"] = rounded(time.perf_counter() - t, 1)
+    report["models"] = {"policy": str(kit["policy"]), "policy_params_millions": param_millions(kit["policy"]),
+                        "reward": str(kit["reward"]), "reward_params_millions": param_millions(kit["reward"])}
+    result, full, lengths = rehearse_preset(args, kit, report, cuda)
+    add_results(report, result, full, lengths, cuda)
     skipped = "the first skipped as warm-up" if report["warmup_skipped"] else "one iteration ran"
     log(f"mean {report['mean_s']['iteration']} s per iteration ({skipped}); projected full run "
         f"{report['projected_full_run_s']} s = {report['projected_full_run_min']} min")
     common.print_report(report, started, args.out)
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

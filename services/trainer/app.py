@@ -25,6 +25,23 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
     """`stop_grace_s`: how long a shutdown waits for the job to finish its iteration and save (as `rlhf up` does)."""
     status = TrainingStatus(total=config.train.total_steps)
     done = threading.Event()
+    lifespan = _job_lifespan(config, reward_fn, status, done, stop_grace_s)
+    app = create_service_app(title="Trainer service", namespace="trainer", max_body_bytes=1024 * 1024,
+                             lifespan=lifespan)
+    _add_gauges(app, status)
+    app.state.status, app.state.done = status, done
+    ready = {"starting": "the job is starting", "waiting_for_reward": "waiting for the reward service",
+             "failed": "the job failed"}
+    add_operational_routes(app, app.state.registry, lambda: ready.get(status.state))
+    guard = [Depends(bearer_guard(lambda: api_key))]
+    add_page_routes(app, status, config, guard)
+    _add_job_routes(app, status, guard)
+    return app
+
+
+def _job_lifespan(config: TrainerConfig, reward_fn, status: TrainingStatus, done: threading.Event,
+                  stop_grace_s: float):
+    """The job runs in a thread for the app's lifetime; a shutdown stops it and waits for its save."""
 
     def run() -> None:
         try:
@@ -45,8 +62,11 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
             log.error("the job did not save within %g s of the shutdown; the next start resumes from the last "
                       "checkpoint", stop_grace_s)
 
-    app = create_service_app(title="Trainer service", namespace="trainer", max_body_bytes=1024 * 1024,
-                             lifespan=lifespan)
+    return lifespan
+
+
+def _add_gauges(app: FastAPI, status: TrainingStatus) -> None:
+    """Step, reward and KL on /metrics, read from `status` at each scrape."""
     step_gauge = Gauge("trainer_step", "PPO iterations done", registry=app.state.registry)
     reward_gauge = Gauge("trainer_reward_mean", "Mean rollout reward of the last iteration",
                          registry=app.state.registry)
@@ -60,13 +80,9 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
             kl_gauge.set(status.kl)
 
     app.state.before_scrape.append(refresh)
-    app.state.status, app.state.done = status, done
-    ready = {"starting": "the job is starting", "waiting_for_reward": "waiting for the reward service",
-             "failed": "the job failed"}
-    add_operational_routes(app, app.state.registry, lambda: ready.get(status.state))
-    guard = [Depends(bearer_guard(lambda: api_key))]
-    add_page_routes(app, status, config, guard)
 
+
+def _add_job_routes(app: FastAPI, status: TrainingStatus, guard: list) -> None:
     @app.get("/v1/status", dependencies=guard)
     async def get_status() -> dict:
         """State, step, total, reward mean, KL, last and best checkpoint, ETA."""
@@ -86,5 +102,3 @@ def create_app(config: TrainerConfig, api_key: str | None = None, reward_fn=None
         status.stop_requested.set()
         status.state = "stopping"
         return status.as_dict()
-
-    return app

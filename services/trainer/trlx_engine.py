@@ -477,70 +477,100 @@ def _run_child(config: TrainerConfig, python: Path, spec_path: Path, log_path: P
     reader = threading.Thread(target=_read_events, args=(read_fd, events), name="trlx-events", daemon=True)
     reader.start()
     log.info("trlX runner started (pid %d, log %s)", child.pid, log_path)
-    final_state, error, signalled, ready = None, None, False, False
-    last_iteration = time.perf_counter()
+    follower = _RunnerFollower(child, status, on_step)
     try:
+        follower.follow(events, reader)
+    except BaseException:  # Ctrl-C here, or an on_step that raised: the runner saves its iteration and exits
+        _stop_child(child)
+        raise
+    rc = child.wait()
+    if rc == 0 and follower.final_state in ("finished", "stopped"):
+        status.state = follower.final_state
+        return
+    tail = _tail(log_path)
+    why = follower.error or (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
+    raise TrlxEngineError(f"the trlX runner failed ({why}); last lines of {log_path}:\n{tail}")
+
+
+class _RunnerFollower:
+    """The runner's events applied to `status` as they come; a requested stop forwarded to it as SIGTERM."""
+
+    def __init__(self, child: subprocess.Popen, status: TrainingStatus, on_step):
+        self.child, self.status, self.on_step = child, status, on_step
+        self.final_state: str | None = None
+        self.error: str | None = None
+        self.signalled = False
+        self.ready = False  # the runner said it is up
+        self.last_iteration = time.perf_counter()
+
+    def follow(self, events: queue.Queue, reader: threading.Thread) -> None:
+        """Until the runner has exited and its pipe is drained."""
         while True:
-            # Only once the runner said it is up: before its SIGTERM handler is installed a SIGTERM would kill it.
-            if ready and status.stop_requested.is_set() and not signalled and child.poll() is None:
-                child.send_signal(signal.SIGTERM)  # it saves at the end of the iteration it is in, then exits 0
-                signalled = True
-                if status.state == "running":
-                    status.state = "stopping"
+            self._forward_stop()
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
-                if child.poll() is not None and not reader.is_alive():
-                    break
+                if self.child.poll() is not None and not reader.is_alive():
+                    return
                 continue
             if event is None:  # the pipe closed: the child is gone or going
-                child.wait()
+                self.child.wait()
                 continue
-            ready = True
-            kind = event.get("type")
-            if kind == "record":
-                record = event["record"]
-                status.history.append(record)
-                if "eval/reward_mean" in record:
-                    status.eval_reward_mean = record["eval/reward_mean"]
-                if "rollout/reward_mean" in record:
-                    status.step = record["step"]
-                    status.reward_mean, status.kl = record["rollout/reward_mean"], record["objective/kl"]
-                    now = time.perf_counter()
-                    elapsed, last_iteration = now - last_iteration, now
-                    status.iteration_seconds = elapsed if status.iteration_seconds is None else \
-                        0.8 * status.iteration_seconds + 0.2 * elapsed
-                    log.info("trlX iteration %d/%d: reward %.3f, kl %.3f, %.2f s", record["step"], status.total,
-                             record["rollout/reward_mean"], record["objective/kl"], record["time/iteration"])
-                    if on_step:
-                        on_step(record)
-            elif kind == "checkpoint":
-                status.last_checkpoint = event["name"]
-                status.best_checkpoint = event.get("best")
-            elif kind == "state":
-                final_state = event["state"]
-                if final_state == "running":
-                    last_iteration = time.perf_counter()
-                    status.state = "stopping" if signalled else "running"
-            elif kind == "error":
-                error = event.get("error")
-    except BaseException:  # Ctrl-C here, or an on_step that raised: the runner saves its iteration and exits
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=stop_grace_s())
-            except subprocess.TimeoutExpired:
-                log.error("the trlX runner did not stop within %g s; killing it", stop_grace_s())
-                child.kill()
-                child.wait()
-        raise
-    rc = child.wait()
-    if rc == 0 and final_state in ("finished", "stopped"):
-        status.state = final_state
-        return
-    tail = _tail(log_path)
-    why = error or (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
-    raise TrlxEngineError(f"the trlX runner failed ({why}); last lines of {log_path}:\n{tail}")
+            self.ready = True
+            self._apply(event)
+
+    def _forward_stop(self) -> None:
+        # Only once the runner said it is up: before its SIGTERM handler is installed a SIGTERM would kill it.
+        if self.ready and self.status.stop_requested.is_set() and not self.signalled and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)  # it saves at the end of the iteration it is in, then exits 0
+            self.signalled = True
+            if self.status.state == "running":
+                self.status.state = "stopping"
+
+    def _apply(self, event: dict) -> None:
+        kind, status = event.get("type"), self.status
+        if kind == "record":
+            self._record(event["record"])
+        elif kind == "checkpoint":
+            status.last_checkpoint = event["name"]
+            status.best_checkpoint = event.get("best")
+        elif kind == "state":
+            self.final_state = event["state"]
+            if self.final_state == "running":
+                self.last_iteration = time.perf_counter()
+                status.state = "stopping" if self.signalled else "running"
+        elif kind == "error":
+            self.error = event.get("error")
+
+    def _record(self, record: dict) -> None:
+        status = self.status
+        status.history.append(record)
+        if "eval/reward_mean" in record:
+            status.eval_reward_mean = record["eval/reward_mean"]
+        if "rollout/reward_mean" not in record:
+            return
+        status.step = record["step"]
+        status.reward_mean, status.kl = record["rollout/reward_mean"], record["objective/kl"]
+        now = time.perf_counter()
+        elapsed, self.last_iteration = now - self.last_iteration, now
+        status.iteration_seconds = elapsed if status.iteration_seconds is None else \
+            0.8 * status.iteration_seconds + 0.2 * elapsed
+        log.info("trlX iteration %d/%d: reward %.3f, kl %.3f, %.2f s", record["step"], status.total,
+                 record["rollout/reward_mean"], record["objective/kl"], record["time/iteration"])
+        if self.on_step:
+            self.on_step(record)
+
+
+def _stop_child(child: subprocess.Popen) -> None:
+    """SIGTERM (the runner saves the iteration it is in), then a kill after the stop grace."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=stop_grace_s())
+        except subprocess.TimeoutExpired:
+            log.error("the trlX runner did not stop within %g s; killing it", stop_grace_s())
+            child.kill()
+            child.wait()
 
 
 def _read_events(fd: int, events: queue.Queue) -> None:
