@@ -112,7 +112,7 @@ trlx-env:
 	esac; \
 	stamp="src=$$src\nref=$(TRLX_REF)\nreq=$$(cksum < $(TRLX_REQ))\nproject=$$(cksum < pyproject.toml)"; \
 	if [ -f "$$env/.installed" ] && [ "$$(printf "$$stamp")" = "$$(cat "$$env/.installed")" ] \
-	   && "$$env/bin/python" -c "import trlx, services.trainer.trlx_runner" >/dev/null 2>&1; then \
+	   && "$$env/bin/python" -c "import trlx, services.trainer.trlx_runner, services.trainer.trlx_trainer" >/dev/null 2>&1; then \
 	  echo "$$env is up to date (trlX from $$src)"; exit 0; fi; \
 	[ -x "$$env/bin/python" ] || $(PYTHON) -m venv "$$env"; \
 	"$$env/bin/pip" install --quiet --upgrade pip; \
