@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import TextIO
 
 from services.launcher.plan import DEFAULT_PORTS, Plan, UpOptions, UsageError, finished_run, make_plan, presets
-from services.launcher.progress import DONE_STATES, TrainingProgress, _duration, _fetch_status, status_line
+from services.launcher.progress import (
+    DONE_STATES,
+    TrainingProgress,
+    _duration,
+    _fetch_status,
+    status_from_metrics,
+    status_line,
+)
 from services.launcher.supervisor import STATUS_POLL_S, LaunchError, Service, Supervisor, _rlhf, _tail
+from services.trainer.report import read_metrics
 from shared.checkpoints import scan_checkpoints
 from shared.tiny.kit import ensure_built, is_built, kit_dir
 
@@ -167,6 +175,9 @@ class Launch:
         progress = TrainingProgress(self.stream)
         try:
             status = self._watch(trainer, progress)
+            if trainer.process.returncode == 0:  # exited between two polls: its metrics have the last iteration
+                config = self.plan.config
+                progress.show(status_from_metrics(read_metrics(config.run_dir), config.train.total_steps, "finished"))
         finally:
             progress.close()
         if self.plan.options.keep_serving:

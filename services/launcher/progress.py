@@ -17,6 +17,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds} s"
 
 
+def status_from_metrics(records: list[dict], total: int, state: str) -> dict:
+    """A status as /v1/status gives it, from the run's metrics lines: the last word on a trainer that has exited."""
+    rollouts = [r for r in records if "rollout/reward_mean" in r]
+    evals = [r for r in records if "eval/reward_mean" in r]
+    last = rollouts[-1] if rollouts else {}
+    return {"state": state, "step": last.get("step", 0), "total": total, "reward_mean": last.get("rollout/reward_mean"),
+            "kl": last.get("objective/kl"), "eval_reward_mean": evals[-1]["eval/reward_mean"] if evals else None}
+
+
 def status_line(status: dict) -> str:
     """The trainer's /v1/status as one line: iteration, rollout reward, KL, eval reward, ETA, and any note."""
     parts = [f"iteration {status.get('step', 0)}/{status.get('total', '?')}"]

@@ -46,7 +46,8 @@ class Samples:
     tuned_scores: list[float]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics lines (metrics.jsonl), oldest first."""
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -245,7 +246,7 @@ service.
 def write_report(run_dir: Path, reward: RewardClient, generator: GeneratorClient, examples: int = 8,
                  seed: int = 0) -> Path:
     """report.md and both plots in `run_dir`; returns report.md's path."""
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     choice = choose_checkpoints(run_dir)
     last = _manifest(choice.last)  # the run's config as it ended (a resumed run may have raised total_steps)
     config = last.get("config", {})
