@@ -58,12 +58,15 @@ def _stage(progress: Progress, what: str) -> Iterator[None]:
 
 @contextmanager
 def _no_loading_bars() -> Iterator[None]:
-    """transformers' per-model load and save bars would bury the stage lines among dozens of their own."""
-    was_on = hf_logging.is_progress_bar_enabled()
+    """transformers' per-model load and save bars, and its load reports (a reward head built on the tiny policy is
+    new by design), would bury the stage lines among dozens of their own."""
+    was_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_on:
             hf_logging.enable_progress_bar()
 
