@@ -12,12 +12,11 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from shared.readiness import wait_until_ready
 from tests.conftest import ROOT, framework_python, free_port
 
 # The first test may build the environment (about 1.5 minutes here) before it runs.
@@ -135,16 +134,10 @@ def reward_service(tiny_kit, tmp_path_factory):
                                 cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
+        def alive() -> None:
             assert proc.poll() is None, f"reward service exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"reward service not ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
+
+        wait_until_ready(url, 90, alive=alive, max_delay=0.2)
         yield url
     finally:
         proc.terminate()

@@ -13,6 +13,7 @@ import pytest
 
 from services.reward.app import create_app
 from shared.clients import RetryPolicy, RewardClient, make_reward_fn
+from shared.readiness import wait_until_ready
 from tests.api.test_reward_api import make_settings
 from tests.conftest import ServerThread, free_port
 
@@ -58,14 +59,7 @@ def test_serve_command_with_a_yaml_config_serves_several_models(tiny_kit, tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(url, 60, max_delay=0.2)
         models = {m["name"]: m for m in httpx.get(url + "/v1/models").json()["models"]}
         assert models["imdb"]["default"] and models["finbert-like"]["score_kind"] == "logit"
         neg = httpx.post(url + "/v1/score", json={"texts": TEXTS, "model": "finbert-like"}).json()

@@ -25,6 +25,7 @@ from services.trainer.config import RewardConfig, load_config
 from services.trainer.rewards import wait_for_reward_service
 from services.trainer.run import train
 from shared.clients import RetryPolicy, RewardClient
+from shared.readiness import NotReady, wait_until_ready
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -52,16 +53,14 @@ class ReplicaProcess:
         return self
 
     def wait_ready(self, timeout: float = 180) -> ReplicaProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def alive() -> None:
             assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"replica {self.url} not ready:\n{self.log_path.read_text()[-3000:]}")
+
+        try:
+            wait_until_ready(self.url, timeout, alive=alive, max_delay=0.1)
+        except NotReady as exc:
+            raise RuntimeError(f"replica {self.url} not ready ({exc}):\n{self.log_path.read_text()[-3000:]}") from None
+        return self
 
     def kill(self) -> None:
         """SIGKILL: the process dies with its connections, as a crashed container does."""
