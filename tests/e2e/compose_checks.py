@@ -328,10 +328,13 @@ def replicas(project: str, n: int) -> None:
     if min(through_gateway) < 1:
         fail(f"reward-gateway: requests per replica {through_gateway}")
     compose = os.environ.get("COMPOSE", "docker compose").split()
-    out = subprocess.run([*compose, "-p", project, "--env-file", "configs/tiny.env", "run", "--rm", "--no-deps", "-T",
-                          "--entrypoint", "python3", "trainer", "-c", CLIENT_PROBE],
-                         check=True, capture_output=True, text=True).stdout
-    seen = json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([*compose, "-p", project, "--env-file", "configs/tiny.env", "run", "--rm", "--no-deps", "-T",
+                           "--entrypoint", "python3", "trainer", "-c", CLIENT_PROBE],
+                          check=True, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if not lines:  # some compose versions exit 0 from `run` whatever the command did: its stderr says why
+        fail(f"the trainer's RewardClient printed nothing:\n{done.stderr[-3000:]}")
+    seen = json.loads(lines[-1])
     if len(seen["replicas"]) != n or min(seen["answered"]) < 1 or len(seen["scores"]) != 16:
         fail(f"the trainer's RewardClient: {seen}")
     print(f"{n} reward replicas healthy; through reward-gateway {through_gateway} requests each; the trainer's "

@@ -85,9 +85,8 @@ check images rlhf-reward:smoke rlhf-generator:smoke rlhf-trainer:smoke
 # A model that cannot load: setup fails in seconds with the reason, and no service that depends on it starts (the
 # tiny kit it builds first stays in the model volume for the run below).
 say "docker compose up with a missing reward model: it must fail fast, with the reason"
-if REWARD_MODEL=/models/tiny/no-such-model dc up -d >/tmp/rlhf-failfast.log 2>&1; then
-  say "docker compose up succeeded with a missing reward model"; exit 1
-fi
+# (Its exit code is not checked: some compose versions exit 0 from `up -d` when a dependency fails.)
+REWARD_MODEL=/models/tiny/no-such-model dc up -d >/tmp/rlhf-failfast.log 2>&1 || true
 grep -q "didn't complete successfully" /tmp/rlhf-failfast.log || { cat /tmp/rlhf-failfast.log; exit 1; }
 dc logs setup 2>&1 | grep -q "the reward model '/models/tiny/no-such-model' cannot be loaded: model folder" \
   || { say "setup did not say why"; dc logs setup; exit 1; }
